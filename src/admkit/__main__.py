@@ -1,0 +1,3 @@
+from admkit.cli import entry_point
+
+entry_point()
