@@ -12,12 +12,16 @@ FORBIDDEN = {
     "nn": {"unet", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
     "unet": {"diffusion", "samplers", "guidance", "train", "cli", "compat", "metrics"},
     "diffusion": {"unet", "nn", "train", "cli", "compat", "metrics"},
+    "losses": {"unet", "nn", "train", "cli", "compat", "metrics"},
+    "timestep_sampling": {"unet", "nn", "train", "cli", "compat", "metrics"},
     "samplers": {"unet", "nn", "train", "cli", "compat", "metrics"},
     "guidance": {"unet", "nn", "train", "cli", "compat", "metrics"},
     "train": {"unet", "nn", "diffusion", "cli", "compat", "samplers"},
     "metrics": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
     "data": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
     "checkpoint": {"cli", "compat", "train"},
+    "judge": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
+    "generate": {"unet", "nn", "train", "cli", "compat"},
 }
 
 

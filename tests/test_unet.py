@@ -1,0 +1,238 @@
+"""The native networks on tiny configurations: checkpointing, fp16, sizes, labels, layouts."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from admkit.errors import UserError
+from admkit.unet import (
+    EncoderUNet,
+    EncoderUNetConfig,
+    SuperResUNet,
+    UNet,
+    UNetConfig,
+    default_channel_mult,
+)
+
+TINY = dict(
+    image_size=16,
+    model_channels=32,
+    num_res_blocks=1,
+    channel_mult=(1, 2),
+    attention_ds=(1, 2),
+    num_head_channels=16,
+)
+
+
+def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter non-zero values, so zero-initialised layers do not hide anything."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator) + (p.ndim == 1) * 1.0)
+    return model
+
+
+def tiny_unet(**changes) -> UNet:
+    torch.manual_seed(0)
+    config = UNetConfig(**{**TINY, "num_classes": 3, "resblock_updown": True, **changes})
+    return randomised(UNet(config).eval())
+
+
+def inputs(size: int = 16, batch: int = 2):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    return x, torch.tensor([3, 700])[:batch], torch.tensor([0, 2])[:batch]
+
+
+def gradients(model: UNet, double: bool):
+    x, t, y = inputs()
+    x.requires_grad_(True)
+    model.zero_grad()
+    out = model(x, t, y)
+    loss = out.square().mean()
+    if double:  # a gradient penalty: backward through a gradient
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        loss = g.square().sum()
+    loss.backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_checkpointing_gives_the_same_gradients(double):
+    plain = gradients(tiny_unet(dropout=0.0), double)
+    checkpointed_model = tiny_unet(use_checkpoint=True)
+    assert checkpointed_model.input_blocks[1][1].use_checkpoint  # attention honours the flag
+    checkpointed = gradients(checkpointed_model, double)
+    torch.testing.assert_close(checkpointed[0], plain[0])
+    torch.testing.assert_close(checkpointed[1], plain[1])
+    assert plain[2].keys() == checkpointed[2].keys()
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(checkpointed[2][name], grad, msg=name)
+    assert plain[1].abs().sum() > 0
+
+
+def test_convert_to_fp16_converts_only_convolutions():
+    model = tiny_unet()
+    x, t, y = inputs()
+    with torch.no_grad():
+        reference = model(x, t, y)
+    model.convert_to_fp16()
+    assert model.dtype == torch.float16
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    half = [
+        "input_blocks.0.0.weight",
+        "input_blocks.1.0.in_layers.2.weight",
+        "input_blocks.1.0.out_layers.3.bias",
+        "input_blocks.3.1.qkv.weight",
+        "middle_block.1.proj_out.weight",
+        "output_blocks.0.0.skip_connection.weight",
+    ]
+    single = [
+        "time_embed.0.weight",
+        "label_emb.weight",
+        "input_blocks.1.0.in_layers.0.weight",
+        "input_blocks.1.0.emb_layers.1.weight",
+        "middle_block.1.norm.weight",
+        "out.0.weight",
+        "out.2.weight",
+    ]
+    assert all(dtypes[n] == torch.float16 for n in half), dtypes
+    assert all(dtypes[n] == torch.float32 for n in single), dtypes
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert out.dtype == torch.float32
+    assert ((out - reference).norm() / reference.norm()) < 1e-2
+    model.convert_to_fp16(torch.bfloat16)
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert ((out - reference).norm() / reference.norm()) < 5e-2
+    model.convert_to_fp32()
+    assert model.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert ((out - reference).norm() / reference.norm()) < 5e-2  # bfloat16-rounded weights
+
+
+def test_classifier_fp16_keeps_its_head_in_float32():
+    config = EncoderUNetConfig(**TINY, out_channels=5, pool="attention")
+    model = randomised(EncoderUNet(config).eval())
+    x, t, _ = inputs()
+    with torch.no_grad():
+        reference = model(x, t)
+        model.convert_to_fp16()
+        out = model(x, t)
+    assert model.out[2].qkv_proj.weight.dtype == torch.float32
+    assert model.middle_block[1].qkv.weight.dtype == torch.float16
+    assert out.dtype == torch.float32
+    assert ((out - reference).norm() / reference.norm()) < 1e-2
+
+
+def test_sizes_beyond_the_default_table():
+    # 24 = 3 x 8: not a power of two, fine with an explicit channel_mult
+    model = tiny_unet(image_size=24, channel_mult=(1, 1, 2, 2), attention_ds=(2, 8))
+    x, t, y = inputs(24)
+    assert model(x, t, y).shape == (2, 3, 24, 24)
+    config = EncoderUNetConfig(**{**TINY, "image_size": 24, "channel_mult": (1, 1, 2, 2)})
+    classifier = EncoderUNet(config)
+    assert classifier.out[2].positional_embedding.shape == (64, 3 * 3 + 1)
+    assert classifier(x, t).shape == (2, 1000)
+    assert default_channel_mult(32) == (1, 2, 2, 2)
+    with pytest.raises(UserError, match="image size 40"):
+        default_channel_mult(40)
+    with pytest.raises(UserError, match="image size 20 is not divisible by 8"):
+        UNetConfig(**{**TINY, "image_size": 20, "channel_mult": (1, 1, 2, 2)})
+    with pytest.raises(UserError, match="divisible by 8"):
+        model(torch.randn(1, 3, 18, 18), t[:1], y[:1])
+
+
+def test_labels_are_required_exactly_for_conditional_models():
+    x, t, y = inputs()
+    with pytest.raises(UserError, match="needs class labels"):
+        tiny_unet()(x, t)
+    with pytest.raises(UserError, match="unconditional"):
+        tiny_unet(num_classes=None)(x, t, y)
+    with pytest.raises(UserError, match="num_classes"):
+        UNetConfig(**TINY, num_classes=0)
+
+
+def test_labels_and_timesteps_change_the_output():
+    model = tiny_unet()
+    x, t, y = inputs()
+    with torch.no_grad():
+        out = model(x, t, y)
+        assert not torch.allclose(model(x, t, torch.tensor([1, 1])), out)
+        assert not torch.allclose(model(x, t + 1, y), out)
+        # a scalar timestep stands for the whole batch; float timesteps are accepted
+        torch.testing.assert_close(model(x, 7, y), model(x, torch.tensor([7, 7]), y))
+        torch.testing.assert_close(model(x, t.float(), y), out)
+
+
+def test_channels_last_gives_the_same_output():
+    model = tiny_unet(resblock_updown=False)
+    x, t, y = inputs()
+    with torch.no_grad():
+        expected = model(x, t, y)
+        out = model(x.to(memory_format=torch.channels_last), t, y)
+        channels_last_model = model.to(memory_format=torch.channels_last)
+        out_both = channels_last_model(x.to(memory_format=torch.channels_last), t, y)
+    # convolution kernels for the two layouts sum in different orders
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_both, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "pool, head_keys",
+    [
+        ("adaptive", {"out.0.weight", "out.0.bias", "out.3.weight", "out.3.bias"}),
+        ("spatial", {"out.0.weight", "out.0.bias", "out.2.weight", "out.2.bias"}),
+        ("spatial_v2", {f"out.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")}),
+    ],
+)
+def test_classifier_pools(pool, head_keys):
+    config = EncoderUNetConfig(**TINY, out_channels=7, pool=pool)
+    model = EncoderUNet(config).eval()
+    assert {key for key in model.state_dict() if key.startswith("out.")} == head_keys
+    x, t, _ = inputs()
+    fresh = model(x, t)
+    assert fresh.shape == (2, 7)
+    if pool == "adaptive":  # zero-initialised 1x1 conv
+        assert torch.equal(fresh, torch.zeros_like(fresh))
+    if pool.startswith("spatial"):
+        # means of every input block's output (32+32+32+64) and of the middle (64)
+        assert model.out[0].in_features == 224
+    with torch.no_grad():
+        expected = randomised(model)(x, t)
+        out = model(x.to(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_super_res_unet_conditions_on_the_upsampled_low_res():
+    config = UNetConfig(**TINY, out_channels=6)
+    model = randomised(SuperResUNet(config).eval())
+    assert model.input_blocks[0][0].weight.shape[1] == 6
+    x, t, _ = inputs()
+    low_res = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x, t, low_res=low_res)
+        assert out.shape == (2, 6, 16, 16)
+        assert not torch.allclose(model(x, t, low_res=low_res.flip(-1)), out)
+    with pytest.raises(UserError, match="low_res"):
+        model(x, t)
+
+
+def test_config_is_frozen_and_normalised():
+    config = UNetConfig(**{**TINY, "channel_mult": [1, 2], "attention_ds": [2]})
+    assert config.channel_mult == (1, 2) and config.attention_ds == (2,)
+    assert UNetConfig(image_size=64).channel_mult == (1, 2, 3, 4)
+    assert UNetConfig(**TINY, num_heads_upsample=-1).num_heads_upsample is None
+    round_trip = UNetConfig(**dataclasses.asdict(config))
+    assert round_trip == config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.image_size = 32
+    with pytest.raises(UserError, match="pool"):
+        EncoderUNetConfig(**TINY, pool="max")
+    with pytest.raises(UserError, match="num_head_channels"):
+        UNetConfig(**{**TINY, "num_head_channels": 24})
