@@ -1,0 +1,586 @@
+"""One training loop for everything admkit trains: diffusion models, classifiers, upsamplers.
+
+The loop does not know what it trains. It receives
+
+- ``model``: a ``torch.nn.Module``;
+- ``loss_fn(model, batch, generator) -> dict``: per-example terms of a micro-batch of ``n``
+  examples. ``"loss"`` ``[n]`` is required and is what gets minimised. Optional: ``"weight"``
+  ``[n]`` importance weights (the objective is the mean of ``weight * loss``; the timestep
+  resampler of improved DDPM returns ``1 / (T p_t)`` here), ``"t"`` ``[n]`` integer timesteps
+  with ``"num_timesteps"`` (T, an int) to log every term by timestep quartile
+  ``q = floor(4 t / T)``. Every other entry is a ``[n]`` term that is only logged (``"mse"``,
+  ``"vb"``, ``"acc@1"``...). All randomness should come from ``generator``, which is derived from
+  (seed, step, rank), so that a resumed run draws the same numbers;
+- ``batches(start_step) -> Iterator``: this process's share of the global batch of step
+  ``start_step``, then of the next steps; a batch is a tensor or a (nested) tuple, list or dict
+  of tensors whose first dimension is the example.
+
+The model ``loss_fn`` receives may be wrapped (DDP, ``torch.compile``): call it, don't read its
+attributes. ``loss_fn`` may also carry state across steps (a loss-aware timestep sampler): if it has
+``observe(terms)``, it is called after every step that was applied, on every rank, with the
+detached terms of the whole global batch (``[batch_size]`` each, ranks concatenated); if it has
+``state_dict()`` / ``load_state_dict()``, that state is checkpointed with the run.
+
+Notation: θ model parameters, θ̄_r their moving average at rate r, η_k the learning rate of step
+k (k = 0, 1, ... optimizer steps done), η the base rate, K = ``lr_anneal_steps``.
+
+    η_k = η (1 - k / K)              (linear annealing, set before step k; η_k = η when K = 0)
+    θ̄_r <- r θ̄_r + (1 - r) θ         (after every applied step, θ̄_r kept in float32)
+
+Two places where guided-diffusion's TrainLoop is not followed, on purpose: micro-batch gradients
+are averaged, so any ``microbatch`` gives the gradient of the full batch (the original sums
+micro-batch means, §12 item 16), and the annealed rate is set before the step (the original's
+lags one step). No checkpoint is written at step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from admkit import checkpoint as ckpt
+from admkit import distributed as dist
+from admkit.errors import UserError
+
+LossFn = Callable[[torch.nn.Module, Any, torch.Generator], Mapping[str, Any]]
+BatchSource = Callable[[int], Iterator[Any]]
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Options that may change when a run is resumed; any other change is refused.
+RESUMABLE = (
+    "train.steps",
+    "train.log_interval",
+    "train.save_interval",
+    "train.keep",
+    "train.compile",
+)
+_RESERVED = ("weight", "t", "num_timesteps")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options (SPEC §2.2). ``batch_size`` is global: split evenly over the processes;
+    ``microbatch`` is the most examples one process runs through the model at once (<= 0: all,
+    as guided-diffusion's -1)."""
+
+    steps: int
+    batch_size: int
+    microbatch: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_anneal_steps: int = 0
+    ema_rates: tuple[float, ...] = (0.9999,)
+    precision: str = "fp32"
+    seed: int = 0
+    log_interval: int = 10
+    save_interval: int = 10000
+    keep: int | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_interval", "save_interval"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)} must be at least 1")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise UserError(f"--lr {self.lr} must be > 0 and --weight_decay >= 0")
+        if self.lr_anneal_steps < 0 or 0 < self.lr_anneal_steps < self.steps:
+            raise UserError(
+                f"--lr_anneal_steps {self.lr_anneal_steps} must be 0 (no annealing) or at least "
+                f"--steps {self.steps}, or the learning rate would turn negative"
+            )
+        if not all(0.0 <= rate <= 1.0 for rate in self.ema_rates):
+            raise UserError(f"--ema_rate {self.ema_rates} must hold rates between 0 and 1")
+        if len(set(self.ema_rates)) != len(self.ema_rates):
+            raise UserError(f"--ema_rate {self.ema_rates} lists a rate twice")
+        if self.precision not in PRECISIONS:
+            raise UserError(
+                f"--precision {self.precision!r} must be one of {', '.join(PRECISIONS)}"
+            )
+        if self.keep is not None and self.keep < 1:
+            raise UserError(f"--keep {self.keep} must be at least 1 (or unset to keep all)")
+
+
+class EMA:
+    """Exponential moving averages of a model's parameters at several rates, in float32."""
+
+    def __init__(self, model: torch.nn.Module, rates: tuple[float, ...]) -> None:
+        self.names = [name for name, _ in model.named_parameters()]
+        self.averages = {
+            rate: [p.detach().float().clone() for p in model.parameters()] for rate in rates
+        }
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """θ̄_r <- r θ̄_r + (1 - r) θ for every rate r."""
+        params = [p.detach().float() for p in model.parameters()]
+        for rate, average in self.averages.items():
+            torch._foreach_mul_(average, rate)
+            torch._foreach_add_(average, params, alpha=1.0 - rate)
+
+    def state_dict(self, model: torch.nn.Module, rate: float) -> dict[str, torch.Tensor]:
+        """``model.state_dict()`` with the parameters replaced by their average at ``rate``."""
+        state = dict(model.state_dict())
+        state.update(zip(self.names, self.averages[rate]))
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, rate: float, state: Mapping[str, torch.Tensor]) -> None:
+        for average, name in zip(self.averages[rate], self.names):
+            average.copy_(state[name])
+
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {key: _map_tensors(value, fn) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_tensors(value, fn) for value in batch)
+    return batch
+
+
+def _leading_sizes(batch: Any) -> list[int]:
+    if isinstance(batch, torch.Tensor):
+        return [batch.shape[0]] if batch.ndim else []
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(items, (tuple, list)) or isinstance(batch, Mapping):
+        return [size for item in items for size in _leading_sizes(item)]
+    return []
+
+
+def _num_examples(batch: Any) -> int:
+    sizes = _leading_sizes(batch)
+    if not sizes:
+        raise ValueError("a batch must hold at least one tensor with an example dimension")
+    return sizes[0]
+
+
+def _split_terms(terms: Mapping[str, Any], n: int) -> dict[str, torch.Tensor]:
+    """Check the loss function's output: every tensor entry is per example, ``[n]``."""
+    if "loss" not in terms:
+        raise ValueError(f"loss_fn must return a 'loss' entry; it returned {sorted(terms)}")
+    checked = {}
+    for key, value in terms.items():
+        if key == "num_timesteps":
+            continue
+        if not isinstance(value, torch.Tensor) or value.shape != (n,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"loss_fn entry {key!r} must be a [{n}] tensor, got {shape}")
+        checked[key] = value
+    if "t" in checked and "num_timesteps" not in terms:
+        raise ValueError("loss_fn returned 't' without 'num_timesteps' (T)")
+    return checked
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    microbatch: int = 0,
+    generator: torch.Generator | None = None,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, Any]:
+    """Accumulate into ``.grad`` the gradient of the batch's mean weighted loss.
+
+    The batch of ``N`` examples runs in micro-batches of ``microbatch`` (<= 0: all at once); each
+    micro-batch's summed loss is divided by ``N``, so the gradients add up to the full batch's.
+    Under DDP only the last micro-batch all-reduces. Returns the detached terms, ``[N]`` each
+    (plus ``num_timesteps`` when given).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    size = _num_examples(batch)
+    step = microbatch if 0 < microbatch < size else size
+    device_type = next(model.parameters()).device.type
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    parts: list[dict[str, torch.Tensor]] = []
+    num_timesteps = None
+    for start in range(0, size, step):
+        part = _map_tensors(batch, lambda x, a=start: x[a : a + step] if x.ndim else x)
+        # Under DDP, gradients are all-reduced once, in the last micro-batch's backward.
+        defer_sync = isinstance(model, DistributedDataParallel) and start + step < size
+        with model.no_sync() if defer_sync else nullcontext():
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+                raw = loss_fn(model, part, generator)
+            terms = _split_terms(raw, min(step, size - start))
+            num_timesteps = raw.get("num_timesteps", num_timesteps)
+            weight = terms["weight"].float() if "weight" in terms else 1.0
+            objective = (terms["loss"].float() * weight).sum() / size
+            (scaler.scale(objective) if scaler is not None else objective).backward()
+        parts.append({key: value.detach() for key, value in terms.items()})
+    merged: dict[str, Any] = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    if num_timesteps is not None:
+        merged["num_timesteps"] = int(num_timesteps)
+    return merged
+
+
+class _Meter:
+    """Sums of the logged terms over a log interval, overall and per timestep quartile."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}  # key -> [2, 5]: (sum, count) x (all, q0..q3)
+        self.grad_norms: list[float] = []
+        self.skipped = 0
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, terms: Mapping[str, Any]) -> None:
+        weight = terms["weight"].float() if "weight" in terms else None
+        quartile = None
+        if "t" in terms:
+            quartile = torch.div(
+                4 * terms["t"].long(), terms["num_timesteps"], rounding_mode="floor"
+            )
+        for key, value in terms.items():
+            if key in _RESERVED:
+                continue
+            # Logged values carry the importance weights, as guided-diffusion logs them.
+            value = value.float() * weight if weight is not None else value.float()
+            sums = self.sums.setdefault(key, value.new_zeros(2, 5))
+            sums[0, 0] += value.sum()
+            sums[1, 0] += value.numel()
+            if quartile is not None:
+                sums[0, 1:].index_add_(0, quartile, value)
+                sums[1, 1:].index_add_(0, quartile, torch.ones_like(value))
+
+    def record(self, step: int, lr: float, batch_size: int) -> dict[str, Any]:
+        """The log record: means over the interval and over all processes (collective)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        record: dict[str, Any] = {"step": step, "samples": step * batch_size, "lr": lr}
+        keys = sorted(self.sums)
+        if keys:
+            totals = dist.all_reduce_sum_(torch.stack([self.sums[k] for k in keys])).cpu()
+            for key, (sums, counts) in zip(keys, totals):
+                record[key] = (sums[0] / counts[0]).item()
+                for q in range(4):
+                    if counts[q + 1] > 0:
+                        record[f"{key}_q{q}"] = (sums[q + 1] / counts[q + 1]).item()
+        if self.grad_norms:
+            record["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        record["images_per_s"] = self.steps * batch_size / elapsed
+        record["skipped_steps"] = self.skipped
+        return record
+
+
+def _derived_seed(seed: int, *key: int) -> int:
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0])
+
+
+def _lr_at(config: TrainConfig, step: int) -> float:
+    if config.lr_anneal_steps == 0:
+        return config.lr
+    return config.lr * (1.0 - step / config.lr_anneal_steps)
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's ``log.jsonl`` (a line cut short by a crash is left out)."""
+    path = Path(run_dir) / ckpt.LOG_NAME
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_losses(run_dir: str | os.PathLike) -> Path:
+    """Draw ``loss.png`` from ``log.jsonl``: the loss, and its timestep quartiles when logged."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_log(run_dir)
+    figure = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    values = []
+    for key in ["loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3"]:
+        points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+        if points:
+            axes.plot(*zip(*points), label=key, linewidth=1.5 if key == "loss" else 0.8)
+            values += [value for _, value in points]
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    if values:
+        axes.legend(fontsize="small")
+        if min(values) > 0:
+            axes.set_yscale("log")
+    path = Path(run_dir) / ckpt.PLOT_NAME
+    with ckpt.atomic_path(path, overwrite=True) as temporary:
+        figure.savefig(temporary)
+    return path
+
+
+def _rewrite_log(run_dir: Path, last_step: int) -> None:
+    """Keep the log records up to the resumed step, so the log reads as one uninterrupted run."""
+    path = run_dir / ckpt.LOG_NAME
+    if not path.exists():
+        return
+    kept = [r for r in read_log(run_dir) if r.get("step", 0) <= last_step]
+    ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept), overwrite=True)
+
+
+def _wrap(model: torch.nn.Module, device: torch.device, compile_model: bool) -> torch.nn.Module:
+    module = model
+    if compile_model:
+        try:
+            module = torch.compile(model)
+        except Exception as error:  # a platform without a working compiler stack
+            warnings.warn(f"torch.compile failed ({error}); training without it", stacklevel=3)
+    if dist.is_distributed():
+        device_ids = [device] if device.type == "cuda" else None
+        module = DistributedDataParallel(module, device_ids=device_ids)
+    return module
+
+
+def _apply_gradients(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[bool, float]:
+    """Take the optimizer step unless a gradient is inf/NaN; returns (applied, gradient norm)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.get_total_norm(
+        [p.grad for p in model.parameters() if p.grad is not None]
+    ).item()
+    if scaler is None:
+        if math.isfinite(grad_norm):
+            optimizer.step()
+        return math.isfinite(grad_norm), grad_norm
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skips the update by itself when it found inf/NaN
+    scaler.update()
+    return scaler.get_scale() >= scale, grad_norm  # the scale only drops after a skipped step
+
+
+def _load_training_state(
+    latest: Path,
+    model: torch.nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    loss_fn: LossFn,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Put back everything a checkpoint holds; returns its training state."""
+    model.load_state_dict(ckpt.read_weights(latest, "model"))
+    for rate in ema.averages:
+        ema.load_state_dict(rate, ckpt.read_weights(latest, f"ema_{rate}"))
+    state = ckpt.read_training_state(latest)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+    if hasattr(loss_fn, "load_state_dict") and state.get("loss_fn") is not None:
+        loss_fn.load_state_dict(state["loss_fn"])
+    rng = state["rng"]
+    if len(rng) != dist.world_size():
+        warnings.warn(
+            f"resuming {len(rng)}-process training on {dist.world_size()} processes: the run "
+            "continues, but not bit-identically",
+            stacklevel=3,
+        )
+    ckpt.restore_rng_state(rng[dist.rank() % len(rng)], device)
+    return state
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batches: BatchSource,
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    run_config: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
+    overwrite: bool = False,
+    on_log: Callable[[int], Mapping[str, float] | None] | None = None,
+    progress: bool = True,
+    save_on_interrupt: bool = True,
+) -> Path | None:
+    """Train ``model`` for ``config.steps`` optimizer steps, resuming ``run_dir`` from its newest
+    complete checkpoint; returns the final checkpoint.
+
+    ``run_config`` (JSON-able: what rebuilds the model and its loss) goes to ``config.json`` with
+    the training options under ``"train"``. Under ``torchrun`` the process group is joined here
+    and each process takes ``batch_size / world_size`` examples per step from ``batches``.
+    ``on_log(step)``, called on every rank at each log step, may add values to the log record.
+    Ctrl-C finishes the current step, saves (``save_on_interrupt``) and raises KeyboardInterrupt.
+    """
+    device = dist.setup(dist.select_device(str(device)) if device is not None else None)
+    rank, world_size, main = dist.rank(), dist.world_size(), dist.is_main_process()
+    if config.batch_size % world_size:
+        raise UserError(
+            f"--batch_size {config.batch_size} does not split over {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    if "train" in (run_config or {}):
+        raise ValueError("run_config must not hold a 'train' entry: the loop stores its own")
+    run_dir = ckpt.prepare_run_dir(
+        run_dir,
+        {**(run_config or {}), "train": asdict(config)},
+        overwrite=overwrite,
+        may_differ=RESUMABLE,
+    )
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    ema = EMA(model, config.ema_rates)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    say = tqdm.write if progress and main else lambda message: None
+
+    # 1. Resume from the newest complete checkpoint, or seed a fresh run.
+    latest = ckpt.latest_checkpoint(run_dir)
+    step = skipped_total = 0
+    if latest is not None:
+        state = _load_training_state(latest, model, ema, optimizer, scaler, loss_fn, device)
+        step, skipped_total = state["step"], state["skipped_steps"]
+        say(f"resuming {run_dir} from step {step}")
+    else:
+        seed = _derived_seed(config.seed, rank)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+    if main:
+        _rewrite_log(run_dir, step)
+    dist.barrier()
+
+    def save() -> None:
+        rng_states = dist.all_gather_objects(ckpt.capture_rng_state(device))
+        if main:
+            weights = {"model": model.state_dict()}
+            weights |= {f"ema_{rate}": ema.state_dict(model, rate) for rate in config.ema_rates}
+            state = {
+                "step": step,
+                "skipped_steps": skipped_total,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "loss_fn": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
+                "rng": rng_states,
+            }
+            ckpt.save_checkpoint(run_dir, step, weights, state, keep=config.keep)
+            plot_losses(run_dir)
+        dist.barrier()
+
+    def compute(module: torch.nn.Module, batch: Any) -> dict[str, Any]:
+        generator = torch.Generator(device).manual_seed(_derived_seed(config.seed, rank, step))
+        optimizer.zero_grad(set_to_none=True)
+        return forward_backward(
+            module,
+            loss_fn,
+            batch,
+            microbatch=config.microbatch,
+            generator=generator,
+            precision=config.precision,
+            scaler=scaler,
+        )
+
+    module = _wrap(model, device, config.compile)
+    compile_unproven = module is not model and config.compile
+    meter, saved_at, at_boundary = _Meter(), (step if latest else None), False
+    local_batch = config.batch_size // world_size
+    source = iter(batches(step))
+    bar = tqdm(total=config.steps, initial=step, unit="step", disable=not (progress and main))
+    with dist.StopRequest() as stop:
+        try:
+            while step < config.steps:
+                # 2. Gradients of the mean loss over the global batch of step `step`.
+                batch = next(source, None)
+                if batch is None:
+                    raise ValueError(f"the batch source ran out at step {step}")
+                if _num_examples(batch) != local_batch:
+                    raise ValueError(
+                        f"step {step}: got {_num_examples(batch)} examples, expected "
+                        f"{local_batch} (batch_size {config.batch_size} / {world_size} processes)"
+                    )
+                batch = _map_tensors(batch, lambda x: x.to(device, non_blocking=True))
+                lr = _lr_at(config, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if compile_unproven:
+                    before = ckpt.capture_rng_state(device)
+                    try:
+                        terms = compute(module, batch)
+                    except Exception as error:
+                        # torch.compile fails lazily, at the first call: redo the step eagerly
+                        # from the same random state, so the run matches one without --compile.
+                        first_line = str(error).splitlines()[0] if str(error) else repr(error)
+                        warnings.warn(
+                            f"torch.compile failed ({first_line}); training without it",
+                            stacklevel=2,
+                        )
+                        module = _wrap(model, device, compile_model=False)
+                        ckpt.restore_rng_state(before, device)
+                        terms = compute(module, batch)
+                    compile_unproven = False
+                else:
+                    terms = compute(module, batch)
+
+                # 3. The update, skipped when a gradient is inf/NaN (weights and EMA unchanged).
+                applied, grad_norm = _apply_gradients(model, optimizer, scaler)
+                if applied:
+                    ema.update(model)
+                    meter.grad_norms.append(grad_norm)
+                    if hasattr(loss_fn, "observe"):
+                        loss_fn.observe(_gather_terms(terms))
+                else:
+                    meter.skipped += 1
+                    skipped_total += 1
+                meter.add(terms)
+                meter.steps += 1
+                step += 1
+                bar.update(1)
+
+                # 4. Log, save, and stop at this boundary if Ctrl-C was pressed.
+                if step % config.log_interval == 0 or step == config.steps:
+                    record = meter.record(step, lr, config.batch_size)
+                    record["skipped_total"] = skipped_total
+                    if scaler is not None:
+                        record["loss_scale"] = scaler.get_scale()
+                    record.update((on_log(step) if on_log is not None else None) or {})
+                    if main:
+                        with open(run_dir / ckpt.LOG_NAME, "a") as log_file:
+                            log_file.write(json.dumps(record) + "\n")
+                        bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}")
+                    meter = _Meter()
+                if step % config.save_interval == 0 or step == config.steps:
+                    save()
+                    saved_at = step
+                if stop.agreed(device):
+                    at_boundary = True
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            # Only at a step boundary is the state consistent enough to save.
+            if save_on_interrupt and at_boundary and saved_at != step:
+                say(f"interrupted: saving step {step}")
+                save()
+            raise
+        finally:
+            bar.close()
+    return ckpt.latest_checkpoint(run_dir)
+
+
+def _gather_terms(terms: Mapping[str, Any]) -> dict[str, Any]:
+    """The terms of the whole global batch, ranks concatenated in order."""
+    return {
+        key: dist.all_gather_cat(value) if isinstance(value, torch.Tensor) else value
+        for key, value in terms.items()
+    }
