@@ -14,7 +14,7 @@ import torch
 from admkit import checkpoint as ckpt
 from admkit import distributed
 from admkit.errors import UserError
-from admkit.train import read_log
+from admkit.runlog import read_log
 
 SCRIPT = Path(__file__).parent / "toy_train.py"
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

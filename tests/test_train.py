@@ -15,7 +15,8 @@ import torch
 
 from admkit import checkpoint as ckpt
 from admkit.errors import UserError
-from admkit.train import EMA, TrainConfig, forward_backward, read_log, train
+from admkit.runlog import read_log
+from admkit.train import EMA, TrainConfig, forward_backward, train
 from toy_train import T, noisy_loss, plain_loss, toy_batches, toy_model
 
 SCRIPT = Path(__file__).parent / "toy_train.py"

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import random
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -55,6 +54,7 @@ from tqdm import tqdm
 from admkit import checkpoint as ckpt
 from admkit import distributed as dist
 from admkit.errors import UserError
+from admkit.runlog import Meter, plot_losses, truncate_log
 
 LossFn = Callable[[torch.nn.Module, Any, torch.Generator], Mapping[str, Any]]
 BatchSource = Callable[[int], Iterator[Any]]
@@ -67,7 +67,6 @@ RESUMABLE = (
     "train.keep",
     "train.compile",
 )
-_RESERVED = ("weight", "t", "num_timesteps")
 
 
 @dataclass(frozen=True)
@@ -229,54 +228,6 @@ def forward_backward(
     return merged
 
 
-class _Meter:
-    """Sums of the logged terms over a log interval, overall and per timestep quartile."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}  # key -> [2, 5]: (sum, count) x (all, q0..q3)
-        self.grad_norms: list[float] = []
-        self.skipped = 0
-        self.steps = 0
-        self.start = time.perf_counter()
-
-    def add(self, terms: Mapping[str, Any]) -> None:
-        weight = terms["weight"].float() if "weight" in terms else None
-        quartile = None
-        if "t" in terms:
-            quartile = torch.div(
-                4 * terms["t"].long(), terms["num_timesteps"], rounding_mode="floor"
-            )
-        for key, value in terms.items():
-            if key in _RESERVED:
-                continue
-            # Logged values carry the importance weights, as guided-diffusion logs them.
-            value = value.float() * weight if weight is not None else value.float()
-            sums = self.sums.setdefault(key, value.new_zeros(2, 5))
-            sums[0, 0] += value.sum()
-            sums[1, 0] += value.numel()
-            if quartile is not None:
-                sums[0, 1:].index_add_(0, quartile, value)
-                sums[1, 1:].index_add_(0, quartile, torch.ones_like(value))
-
-    def record(self, step: int, lr: float, batch_size: int) -> dict[str, Any]:
-        """The log record: means over the interval and over all processes (collective)."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        record: dict[str, Any] = {"step": step, "samples": step * batch_size, "lr": lr}
-        keys = sorted(self.sums)
-        if keys:
-            totals = dist.all_reduce_sum_(torch.stack([self.sums[k] for k in keys])).cpu()
-            for key, (sums, counts) in zip(keys, totals):
-                record[key] = (sums[0] / counts[0]).item()
-                for q in range(4):
-                    if counts[q + 1] > 0:
-                        record[f"{key}_q{q}"] = (sums[q + 1] / counts[q + 1]).item()
-        if self.grad_norms:
-            record["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
-        record["images_per_s"] = self.steps * batch_size / elapsed
-        record["skipped_steps"] = self.skipped
-        return record
-
-
 def _derived_seed(seed: int, *key: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0])
 
@@ -285,56 +236,6 @@ def _lr_at(config: TrainConfig, step: int) -> float:
     if config.lr_anneal_steps == 0:
         return config.lr
     return config.lr * (1.0 - step / config.lr_anneal_steps)
-
-
-def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a run's ``log.jsonl`` (a line cut short by a crash is left out)."""
-    path = Path(run_dir) / ckpt.LOG_NAME
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def plot_losses(run_dir: str | os.PathLike) -> Path:
-    """Draw ``loss.png`` from ``log.jsonl``: the loss, and its timestep quartiles when logged."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    records = read_log(run_dir)
-    figure = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    values = []
-    for key in ["loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3"]:
-        points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
-        if points:
-            axes.plot(*zip(*points), label=key, linewidth=1.5 if key == "loss" else 0.8)
-            values += [value for _, value in points]
-    axes.set_xlabel("step")
-    axes.set_ylabel("training loss")
-    if values:
-        axes.legend(fontsize="small")
-        if min(values) > 0:
-            axes.set_yscale("log")
-    path = Path(run_dir) / ckpt.PLOT_NAME
-    with ckpt.atomic_path(path, overwrite=True) as temporary:
-        figure.savefig(temporary)
-    return path
-
-
-def _rewrite_log(run_dir: Path, last_step: int) -> None:
-    """Keep the log records up to the resumed step, so the log reads as one uninterrupted run."""
-    path = run_dir / ckpt.LOG_NAME
-    if not path.exists():
-        return
-    kept = [r for r in read_log(run_dir) if r.get("step", 0) <= last_step]
-    ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept), overwrite=True)
 
 
 def _wrap(model: torch.nn.Module, device: torch.device, compile_model: bool) -> torch.nn.Module:
@@ -460,7 +361,7 @@ def train(
         np.random.seed(seed % 2**32)
         random.seed(seed)
     if main:
-        _rewrite_log(run_dir, step)
+        truncate_log(run_dir, step)
     dist.barrier()
 
     def save() -> None:
@@ -495,7 +396,7 @@ def train(
 
     module = _wrap(model, device, config.compile)
     compile_unproven = module is not model and config.compile
-    meter, saved_at, at_boundary = _Meter(), (step if latest else None), False
+    meter, saved_at, at_boundary = Meter(), (step if latest else None), False
     local_batch = config.batch_size // world_size
     source = iter(batches(step))
     bar = tqdm(total=config.steps, initial=step, unit="step", disable=not (progress and main))
@@ -560,7 +461,7 @@ def train(
                         with open(run_dir / ckpt.LOG_NAME, "a") as log_file:
                             log_file.write(json.dumps(record) + "\n")
                         bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}")
-                    meter = _Meter()
+                    meter = Meter()
                 if step % config.save_interval == 0 or step == config.steps:
                     save()
                     saved_at = step
