@@ -1,0 +1,82 @@
+"""Shared pieces of the benchmark scripts: device naming, timing, JSON lines, the reference path.
+
+The reference path re-states, in our own words, how the original computes a network step:
+attention through two einsums with q and k each scaled by c^(-1/4) and a float32 softmax, no
+fused kernel, no autocast, no compilation. Benchmarks time it in the same run as admkit's path,
+so every speed figure is a ratio measured on one machine at one time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import time
+
+import torch
+
+import admkit.nn
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def einsum_qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.Tensor:
+    """The original's attention arithmetic: einsum scores, float32 softmax, einsum values."""
+    batch, width, length = qkv.shape
+    c = width // (3 * num_heads)
+    if new_order:
+        q, k, v = qkv.chunk(3, dim=1)
+        q, k, v = (part.reshape(batch * num_heads, c, length) for part in (q, k, v))
+    else:
+        q, k, v = qkv.reshape(batch * num_heads, 3 * c, length).split(c, dim=1)
+    scale = 1 / math.sqrt(math.sqrt(c))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v).reshape(batch, -1, length)
+
+
+@contextlib.contextmanager
+def reference_attention():
+    """Run admkit's networks with the original's attention arithmetic inside this block."""
+    fused = admkit.nn.qkv_attention
+    admkit.nn.qkv_attention = einsum_qkv_attention
+    try:
+        yield
+    finally:
+        admkit.nn.qkv_attention = fused
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return torch.autocast(device.type, dtype=torch_dtype)
