@@ -1,4 +1,5 @@
-"""Samplers: ancestral DDPM and DDIM (with its inversion), as free functions over a model function.
+"""Samplers as free functions over a model function: ancestral DDPM, DDIM (with its inversion), and
+two fast ODE solvers, DPM-Solver++ 2M and EDM's Heun.
 
 Notation and the model-function contract are those of ``admkit.diffusion``; the condition
 function of classifier guidance is that of ``admkit.guidance``. Every sampler has the same
@@ -13,19 +14,40 @@ draws the per-step noise: a ``torch.Generator``, or one per image so that each i
 not depend on the batch it is drawn in; None uses torch's global generator, as guided-diffusion
 does. ``callback(i, step)`` sees each ``Step`` at chain index i. The result carries the number
 of network evaluations, the cost measure that compares samplers.
+
+Each sampler walks the noise levels of ``diffusion``'s chain, so the steps are chosen by
+respacing: guided-diffusion's strings (``space_timesteps``), or ``select_timesteps`` with EDM's
+ρ = 7 spacing (``karras_timesteps``) or even log-SNR steps (``logsnr_timesteps``), each mapped
+to trained steps. ``levels_for_steps`` turns a budget of network evaluations into
+a number of levels: one evaluation per level for ``ddpm``, ``ddim`` and ``dpm++2m``; 2·levels - 1
+for ``heun``. Classifier guidance (``cond_fn``) enters DDPM as the mean shift, DDIM as Alg. 2 and
+the ODE solvers through the score (``guidance.classifier_score_model``).
+
+The ODE solvers' notation, on top of ``admkit.diffusion``'s:
+
+| symbol | code | meaning |
+| --- | --- | --- |
+| α_t = √ᾱ_t, σ_t = √(1 - ᾱ_t) | alpha, sigma | x_t = α_t x_0 + σ_t ε (DPM-Solver's VP notation) |
+| λ_t = log(α_t / σ_t) | lam | half the log-SNR; DPM-Solver++ steps are h = λ_t - λ_s |
+| σ^EDM = σ_t / α_t | sigma | EDM's noise level; x̃ = x_t / α_t = x_0 + σ^EDM ε |
+| D(x̃; σ) | denoised | x̂_0 of the network at that level |
+| γ, S_churn | gamma, s_churn | EDM Alg. 2's stochastic churn, σ̂ = σ (1 + γ) |
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from admkit.diffusion import Diffusion, ModelFn
-from admkit.guidance import CondFn, guided_mean, guided_score
+from admkit.diffusion import Diffusion, ModelFn, space_timesteps
+from admkit.errors import UserError
+from admkit.guidance import CondFn, classifier_score_model, guided_mean, guided_score
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -299,4 +321,263 @@ def ddim_invert(
     return Sample(sample=x, num_model_evals=diffusion.num_timesteps - 1)
 
 
-SAMPLERS: dict[str, Callable[..., Sample]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++ 2M (Lu et al. 2022, Alg. 2: multistep, second order, data prediction)
+
+
+def dpm_solver_2m_sample(
+    diffusion: Diffusion,
+    model_fn: ModelFn,
+    x_T: Tensor,
+    *,
+    model_kwargs: dict | None = None,
+    cond_fn: CondFn | None = None,
+    clip_denoised: bool = True,
+    denoised_fn: Callable[[Tensor], Tensor] | None = None,
+    generator: Generator = None,
+    progress: bool = False,
+    callback: Callable[[int, Step], None] | None = None,
+) -> Sample:
+    """DPM-Solver++ 2M from x_T through every level of ``diffusion``: T network calls.
+
+    The exponential integrator in λ with x̂_0 extrapolated linearly from the last two
+    evaluations; the first step and the last (to σ = 0, where it returns x̂_0 as DDIM does) are
+    first order. Deterministic: ``generator`` is accepted for a uniform signature and unused.
+    """
+    if cond_fn is not None:
+        model_fn = classifier_score_model(model_fn, cond_fn, diffusion)
+    alpha_bar = diffusion.alphas_cumprod
+    x, x_0_last, h_last = x_T, None, None
+    for i in _steps(range(diffusion.num_timesteps - 1, -1, -1), progress):
+        with torch.no_grad():
+            # 1. D_i = x̂_0(x_{t_i}, t_i).
+            pred = diffusion.predict(
+                model_fn,
+                x,
+                _full(x, i),
+                model_kwargs=model_kwargs,
+                clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn,
+            )
+            if i == 0:
+                # 2. λ = ∞ at x_0: e^{-h} = 0 and the step returns D itself.
+                x = pred.x_0
+            else:
+                # 2. h = λ_t - λ_s from level s = t_i to t = t_{i-1}.
+                s_bar, t_bar = alpha_bar[i], alpha_bar[i - 1]
+                h = _lam(t_bar) - _lam(s_bar)
+                # 3. D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1}/h_i (first order at first).
+                denoised = pred.x_0
+                if x_0_last is not None:
+                    r = h_last / h
+                    denoised = (1 + 1 / (2 * r)) * pred.x_0 - 1 / (2 * r) * x_0_last
+                # 4. x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) D  (DPM-Solver++ Eq. 9 / Alg. 2).
+                ratio = math.sqrt((1 - t_bar) / (1 - s_bar))
+                x = ratio * x - math.sqrt(t_bar) * math.expm1(-h) * denoised
+                x_0_last, h_last = pred.x_0, h
+        if callback is not None:
+            callback(i, Step(sample=x, x_0=pred.x_0))
+    return Sample(sample=x, num_model_evals=diffusion.num_timesteps)
+
+
+def _lam(alpha_bar: float) -> float:
+    # λ = log(α/σ) = ½ log(ᾱ / (1 - ᾱ)), in float64.
+    return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
+
+
+# ---------------------------------------------------------------------------------------------
+# Heun (Karras et al. 2022, EDM Alg. 2), on the chain's noise levels
+
+
+def _edm_sigmas(diffusion: Diffusion) -> np.ndarray:
+    # σ^EDM = √((1 - ᾱ) / ᾱ) at each chain index, float64.
+    return np.sqrt((1 - diffusion.alphas_cumprod) / diffusion.alphas_cumprod)
+
+
+def heun_sample(
+    diffusion: Diffusion,
+    model_fn: ModelFn,
+    x_T: Tensor,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    noise_levels: Diffusion | None = None,
+    model_kwargs: dict | None = None,
+    cond_fn: CondFn | None = None,
+    clip_denoised: bool = True,
+    denoised_fn: Callable[[Tensor], Tensor] | None = None,
+    generator: Generator = None,
+    progress: bool = False,
+    callback: Callable[[int, Step], None] | None = None,
+) -> Sample:
+    """EDM's second-order Heun sampler over the T levels of ``diffusion``: 2T - 1 network calls.
+
+    It integrates dx̃/dσ = (x̃ - D(x̃; σ))/σ in x̃ = x_t/√ᾱ_t, from σ_{T-1} down to σ = 0 (a last
+    Euler step, whose end point is x̂_0). With ``s_churn`` > 0 each level σ in [s_tmin, s_tmax]
+    is first raised to σ̂ = σ (1 + γ), γ = min(s_churn/T, √2 - 1), by fresh noise drawn from
+    ``generator``; the network only knows trained steps, so σ̂ is rounded to the nearest level of
+    ``noise_levels`` (default: this chain; pass the unrespaced chain for fine rounding).
+    """
+    levels = diffusion if noise_levels is None else noise_levels
+    if noise_levels is not None and not set(diffusion.timestep_map) <= set(levels.timestep_map):
+        raise ValueError("noise_levels must hold every step of the sampling chain")
+    if cond_fn is not None:
+        model_fn = classifier_score_model(model_fn, cond_fn, levels)
+    sigmas, level_sigmas = _edm_sigmas(diffusion), _edm_sigmas(levels)
+    evals = 0
+
+    def denoise(x_tilde: Tensor, chain: Diffusion, index: int) -> Tensor:
+        # D(x̃; σ): the network sees x_t = √ᾱ x̃ at that chain's step.
+        nonlocal evals
+        evals += 1
+        x_t = math.sqrt(chain.alphas_cumprod[index]) * x_tilde
+        return chain.predict(
+            model_fn,
+            x_t,
+            _full(x_t, index),
+            model_kwargs=model_kwargs,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+        ).x_0
+
+    num_levels = diffusion.num_timesteps
+    x = x_T / math.sqrt(diffusion.alphas_cumprod[-1])
+    for i in _steps(range(num_levels - 1, -1, -1), progress):
+        sigma, sigma_next = sigmas[i], (sigmas[i - 1] if i > 0 else 0.0)
+        with torch.no_grad():
+            # 1. Churn: raise σ to σ̂ (a trained level) by adding N(0, (σ̂² - σ²) S_noise²) noise.
+            chain, index, sigma_hat, x_hat = diffusion, i, sigma, x
+            gamma = min(s_churn / num_levels, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0
+            if gamma > 0:
+                chain = levels
+                index = _nearest_level(level_sigmas, sigma * (1 + gamma), minimum=sigma)
+                sigma_hat = level_sigmas[index]
+                if sigma_hat > sigma:
+                    z = randn_like(x, generator)
+                    x_hat = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * z
+            # 2. Euler step: d = (x̂ - D(x̂; σ̂))/σ̂, x' = x̂ + (σ_{i+1} - σ̂) d.
+            denoised = denoise(x_hat, chain, index)
+            d = (x_hat - denoised) / sigma_hat
+            x = x_hat + (sigma_next - sigma_hat) * d
+            # 3. Heun correction with the slope at the end point (not on the last step to σ = 0).
+            if i > 0:
+                d_next = (x - denoise(x, diffusion, i - 1)) / sigma_next
+                x = x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+        if callback is not None:
+            alpha_next = math.sqrt(diffusion.alphas_cumprod[i - 1]) if i > 0 else 1.0
+            callback(i, Step(sample=alpha_next * x, x_0=denoised))
+    return Sample(sample=x, num_model_evals=evals)
+
+
+def _nearest_level(level_sigmas: np.ndarray, target: float, minimum: float) -> int:
+    # The level closest to target in log σ among those at least `minimum` (never below σ).
+    candidates = np.flatnonzero(level_sigmas >= minimum * (1 - 1e-12))
+    distance = np.abs(np.log(level_sigmas[candidates]) - math.log(target))
+    return int(candidates[np.argmin(distance)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the steps
+
+
+def karras_timesteps(diffusion: Diffusion, num_steps: int, rho: float = 7.0) -> list[int]:
+    """``num_steps`` chain indices of ``diffusion`` spaced as EDM Eq. 5 (ρ = 7).
+
+    σ_i = (σ_max^{1/ρ} + i/(n-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ between the chain's largest and
+    smallest σ^EDM, each mapped to a trained level (see ``_nearest_distinct``).
+    """
+    sigmas = _edm_sigmas(diffusion)
+    hi, lo = sigmas[-1] ** (1 / rho), sigmas[0] ** (1 / rho)
+    fractions = np.linspace(0.0, 1.0, _check_count(diffusion, num_steps))
+    return _nearest_distinct(sigmas, (hi + fractions * (lo - hi)) ** rho)
+
+
+def logsnr_timesteps(diffusion: Diffusion, num_steps: int) -> list[int]:
+    """``num_steps`` chain indices evenly spaced in λ (DPM-Solver's "logSNR" steps).
+
+    Since σ^EDM = e^{-λ}, these are evenly spaced in log σ between the chain's ends.
+    """
+    sigmas = _edm_sigmas(diffusion)
+    count = _check_count(diffusion, num_steps)
+    return _nearest_distinct(
+        sigmas, np.exp(np.linspace(np.log(sigmas[-1]), np.log(sigmas[0]), count))
+    )
+
+
+def _check_count(diffusion: Diffusion, num_steps: int) -> int:
+    if not 2 <= num_steps <= diffusion.num_timesteps:
+        raise UserError(
+            f"cannot pick {num_steps} steps out of a {diffusion.num_timesteps}-step chain; "
+            f"ask for 2 to {diffusion.num_timesteps}"
+        )
+    return num_steps
+
+
+def _nearest_distinct(sigmas: np.ndarray, targets: np.ndarray) -> list[int]:
+    """Chain indices for decreasing target σ's, each the nearest in log σ to its target.
+
+    Where the targets are finer than the chain, the next free index is taken instead, so the
+    count stays ``len(targets)``. Returned increasing, ready for ``respace``; the first and last
+    targets are the chain's ends, so the result always holds 0 and T-1.
+    """
+    chosen, upper = [], len(sigmas) - 1
+    for i, target in enumerate(targets):
+        window = np.arange(len(targets) - 1 - i, upper + 1)  # room for the levels still to come
+        index = int(window[np.argmin(np.abs(np.log(sigmas[window]) - math.log(target)))])
+        chosen.append(index)
+        upper = index - 1
+    return sorted(chosen)
+
+
+STEP_SPACINGS = ("uniform", "karras", "logsnr")
+
+
+def select_timesteps(diffusion: Diffusion, num_steps: int, spacing: str = "uniform") -> list[int]:
+    """``num_steps`` chain indices of ``diffusion``: guided-diffusion's even respacing
+    (``space_timesteps(T, "K")``), EDM's Karras spacing or DPM-Solver's logSNR spacing."""
+    if spacing == "uniform":
+        return sorted(space_timesteps(diffusion.num_timesteps, str(num_steps)))
+    if spacing == "karras":
+        return karras_timesteps(diffusion, num_steps)
+    if spacing == "logsnr":
+        return logsnr_timesteps(diffusion, num_steps)
+    raise UserError(f"unknown step spacing {spacing!r}; choose one of: {', '.join(STEP_SPACINGS)}")
+
+
+def levels_for_steps(sampler: str, steps: int) -> int:
+    """Noise levels to respace to for a budget of ``steps`` network evaluations per image.
+
+    ``ddpm``, ``ddim`` and ``dpm++2m`` evaluate once per level; ``heun`` 2·levels - 1 times, so
+    it gets (steps + 1) // 2 levels (19 or 20 evaluations → 10 levels, 19 evaluations).
+    """
+    get_sampler(sampler)
+    if sampler == "heun":
+        if steps < 3:
+            raise UserError(f"heun needs at least 3 network evaluations (--steps 3), got {steps}")
+        return (steps + 1) // 2
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    return steps
+
+
+SAMPLERS: dict[str, Callable[..., Sample]] = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "dpm++2m": dpm_solver_2m_sample,
+    "heun": heun_sample,
+}
+SAMPLER_HELP = {
+    "ddpm": "ancestral sampling (DDPM; ADM Alg. 1 with a classifier), one evaluation per step",
+    "ddim": "DDIM (--eta, 0 = deterministic; ADM Alg. 2 with a classifier)",
+    "dpm++2m": "DPM-Solver++ 2M, deterministic multistep, good at 10-25 evaluations",
+    "heun": "EDM's second-order Heun (--s_churn for stochasticity), 2 evaluations per step",
+}
+
+
+def get_sampler(name: str) -> Callable[..., Sample]:
+    """The sampler called ``name``; an unknown name is a UserError listing the known ones."""
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

@@ -1,0 +1,149 @@
+"""Sampling throughput per sampler, against the original's way in the same run.
+
+Prints one JSON line per sampler: images/s for a whole run of ``--steps`` network evaluations,
+seconds per network evaluation, and the speed relative to the reference point, which is the plain
+ancestral loop over the same number of steps with the original's einsum attention
+(``common.reference_attention``), global-generator noise and no autocast. Samplers at equal
+``--steps`` do equal network work (heun: 2·levels - 1 evaluations), so their images/s differ by
+the solver's own overhead and per-image noise; CFG doubles each evaluation's batch.
+
+    python benchmarks/bench_sample.py
+    python benchmarks/bench_sample.py --preset imagenet64 --batch_size 16 --steps 25 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from admkit.compat import script_util  # noqa: E402
+from admkit.diffusion import Diffusion, DiffusionConfig, respace  # noqa: E402
+from admkit.generate import image_generators, network_fn  # noqa: E402
+from admkit.guidance import classifier_free_model  # noqa: E402
+from admkit.presets import get_preset  # noqa: E402
+from admkit.samplers import (  # noqa: E402
+    SAMPLERS,
+    ddpm_sample,
+    get_sampler,
+    levels_for_steps,
+    randn,
+    select_timesteps,
+)
+from admkit.unet import UNet  # noqa: E402
+from common import device_name, emit, reference_attention, synchronize  # noqa: E402
+
+SMALL = dict(
+    image_size=32,
+    num_channels=64,
+    num_res_blocks=2,
+    channel_mult="1,2,2",
+    attention_resolutions="16,8",
+    num_head_channels=32,
+    class_cond=True,
+    learn_sigma=True,
+    resblock_updown=True,
+    use_scale_shift_norm=True,
+)
+
+
+def build(args) -> tuple[UNet, dict]:
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update(get_preset(args.preset).flags if args.preset else SMALL)
+    flags["use_fp16"] = False
+    flags["num_classes"] = 1001  # one extra row, as a model trained for CFG has
+    return UNet(script_util.model_config(flags)).eval(), flags
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model, flags = build(args)
+    model.to(device)
+    base = Diffusion.from_config(
+        DiffusionConfig(noise_schedule=flags["noise_schedule"], learn_sigma=flags["learn_sigma"])
+    )
+    size, n = flags["image_size"], args.batch_size
+    y = torch.randint(0, 1000, (n,), device=device)
+    common = dict(
+        bench="sample",
+        device=device_name(device),
+        config=args.preset or "small-32px",
+        batch_size=n,
+        steps=args.steps,
+    )
+
+    # Warm-up (allocator, kernels), then the reference point: the original's loop and attention.
+    x_T = torch.randn(n, 3, size, size, device=device)
+    chain = respace(base, select_timesteps(base, args.steps))
+    with torch.no_grad():
+        model(x_T, torch.zeros(n, dtype=torch.long, device=device), y=y)
+    with reference_attention():
+        seconds, result = timed(
+            lambda: ddpm_sample(chain, model, x_T, model_kwargs={"y": y}), device
+        )
+    reference_rate = n / seconds
+    emit(
+        {
+            **common,
+            "sampler": "ddpm",
+            "impl": "reference",
+            "dtype": "fp32",
+            "evals": result.num_model_evals,
+            "images_per_s": round(reference_rate, 3),
+            "s_per_eval": round(seconds / result.num_model_evals, 4),
+            "speedup": 1.0,
+        }
+    )
+
+    model_fn = network_fn(model, class_conditional=True, precision=args.precision, device=device)
+    runs = [(name, model_fn) for name in SAMPLERS]
+    runs.append(("dpm++2m+cfg", classifier_free_model(model_fn, 3.0, 1000)))
+    for name, fn in runs:
+        sampler = name.split("+cfg")[0]
+        chain = respace(base, select_timesteps(base, levels_for_steps(sampler, args.steps)))
+        options = {"noise_levels": base} if sampler == "heun" else {}
+
+        def run(fn=fn, sampler=sampler, chain=chain, options=options):
+            generators = image_generators(0, range(n), 1, device)
+            x = randn((n, 3, size, size), generator=generators, device=device)
+            return get_sampler(sampler)(
+                chain, fn, x, model_kwargs={"y": y}, generator=generators, **options
+            )
+
+        seconds, result = timed(run, device)
+        emit(
+            {
+                **common,
+                "sampler": name,
+                "impl": "admkit",
+                "dtype": args.precision,
+                "evals": result.num_model_evals,
+                "images_per_s": round(n / seconds, 3),
+                "s_per_eval": round(seconds / result.num_model_evals, 4),
+                "speedup": round(n / seconds / reference_rate, 3),
+            }
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+"""``admkit sample``: draw images from a model, optionally guided, optionally cascaded.
+
+    admkit sample --model RUN --out samples.npz --num_samples 64 --sampler dpm++2m --steps 20
+    admkit sample --model 64x64_diffusion.pt --preset imagenet64 \\
+        --classifier 64x64_classifier.pt --out samples.npz
+
+The model, classifier and upsampler are each a run directory, a ``.safetensors`` file with its
+``config.json``, or a released ``.pt`` with ``--preset`` (its classifier preset, guidance scale
+and respacing come with it) or the model options. The sampling options here are shared with
+``admkit upsample`` (``add_sampling_options``, ``build_stage``).
+
+``--steps K`` is a budget of network evaluations per image: ddpm, ddim and dpm++2m respace to K
+steps, heun to (K + 1) // 2 noise levels (2·levels - 1 evaluations). Without it the chain is
+``--timestep_respacing``, else the preset's respacing, else the model's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from admkit import distributed
+from admkit.cli.models import LoadedModel, build_diffusion, load_model
+from admkit.cli.options import add_model_options, spellings
+from admkit.compat.script_util import str2bool
+from admkit.diffusion import Diffusion, respace
+from admkit.errors import UserError
+from admkit.generate import (
+    PRECISIONS,
+    Stage,
+    check_outputs,
+    draw_labels,
+    generate,
+    network_fn,
+    save_grid,
+    save_samples,
+)
+from admkit.guidance import (
+    classifier_free_model,
+    classifier_grad_fn,
+    dynamic_threshold,
+    guidance_interval,
+    zero_cond_fn,
+)
+from admkit.presets import get_preset
+from admkit.samplers import (
+    SAMPLER_HELP,
+    SAMPLERS,
+    STEP_SPACINGS,
+    get_sampler,
+    levels_for_steps,
+    select_timesteps,
+)
+
+BASE_STREAM, UPSAMPLER_STREAM = 1, 2  # generator streams of the two stages of a cascade
+STEPS_HELP = """\
+--steps K is a budget of network evaluations per image: ddpm, ddim and dpm++2m respace the
+model to K steps, heun to (K + 1) // 2 noise levels (2 evaluations per level, 1 for the last).
+Without --steps the chain is --timestep_respacing, else the preset's, else the model's own.
+--step_spacing picks K levels evenly in steps (uniform, as guided-diffusion), as EDM (karras,
+rho 7) or evenly in log-SNR (logsnr)."""
+
+
+def sampler_list() -> str:
+    return "\n".join(f"  {name:<9} {text}" for name, text in SAMPLER_HELP.items())
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Options every sampling command shares (SPEC §2.5)."""
+    parser.add_argument("--model", required=True, help="run directory, .safetensors or .pt")
+    parser.add_argument("--out", required=True, metavar="OUT.npz", help="samples file to write")
+    group = parser.add_argument_group("sampling")
+    add = group.add_argument
+    add(
+        *spellings("num_samples"),
+        type=int,
+        default=None,
+        help="images to draw (default 16; upsample: one per base sample)",
+    )
+    add(*spellings("batch_size"), type=int, default=16, help="images per batch per process")
+    add("--sampler", default="ddpm", help=f"one of: {', '.join(SAMPLERS)} (default ddpm)")
+    add("--steps", type=int, default=None, help="network evaluations per image (see above)")
+    add(
+        *spellings("step_spacing"),
+        default="uniform",
+        help=f"how --steps picks noise levels: {', '.join(STEP_SPACINGS)} (default uniform)",
+    )
+    add("--eta", type=float, default=None, help="DDIM's η (ddim only; default 0)")
+    add(*spellings("s_churn"), type=float, default=None, help="EDM's S_churn (heun only)")
+    add(*spellings("clip_denoised"), type=str2bool, default=True, help="clip x̂_0 (default True)")
+    add(
+        *spellings("dynamic_threshold"),
+        type=float,
+        default=None,
+        metavar="P",
+        help="Imagen's dynamic thresholding of x̂_0 at percentile P, e.g. 0.995",
+    )
+    add(*spellings("cfg_scale"), type=float, default=None, help="classifier-free guidance scale w")
+    add(
+        *spellings("guidance_interval"),
+        default=None,
+        metavar="LO,HI",
+        help="guide only at original steps LO..HI (e.g. 100,800)",
+    )
+    add(
+        *spellings("class_label"),
+        type=int,
+        action="append",
+        default=None,
+        help="class to draw (repeatable, cycled); default: uniform random per image",
+    )
+    add("--seed", type=int, default=0, help="same seed, same images, at any batch size")
+    add("--grid", default=None, metavar="PNG", help="also write a picture grid")
+    add("--precision", default="fp32", help=f"one of: {', '.join(PRECISIONS)} (default fp32)")
+    add("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if there is one)")
+    add("--weights", default=None, help="weights of a run directory: model or ema_RATE")
+    add("--overwrite", action="store_true", help="replace existing output files")
+
+
+def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description="Draw images from a diffusion model into an .npz (arr_0 uint8 NHWC, arr_1\n"
+        "labels), optionally guided by a classifier and/or classifier-free guidance, optionally\n"
+        "followed by an upsampler.",
+        epilog=f"samplers:\n{sampler_list()}\n\n{STEPS_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_sampling_options(parser)
+    group = parser.add_argument_group("classifier guidance and cascade")
+    add = group.add_argument
+    add("--classifier", default=None, help="noise-aware classifier (as --model)")
+    add(*spellings("classifier_scale"), type=float, default=None, help="guidance scale s")
+    add(*spellings("classifier_preset"), default=None, help="preset of a released classifier")
+    add("--upsampler", default=None, help="upsampler to chain after the model (as --model)")
+    add(*spellings("upsampler_preset"), default=None, help="preset of a released upsampler")
+    add(*spellings("upsampler_sampler"), default=None, help="upsampler's sampler (default: same)")
+    add(
+        *spellings("upsampler_steps"),
+        type=int,
+        default=None,
+        help="upsampler's --steps (default: --steps)",
+    )
+    add_model_options(parser, "model", "classifier")
+    parser.set_defaults(run=run)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces shared with admkit upsample
+
+
+def check_sampling_options(args: argparse.Namespace, sampler: str) -> None:
+    """Cheap checks, before any model is loaded."""
+    get_sampler(sampler)
+    if args.eta is not None and sampler != "ddim":
+        raise UserError(f"--eta is DDIM's; drop it or use --sampler ddim (not {sampler})")
+    if args.s_churn is not None and sampler != "heun":
+        raise UserError(f"--s_churn is Heun's; drop it or use --sampler heun (not {sampler})")
+    if args.s_churn is not None and args.s_churn < 0:
+        raise UserError(f"--s_churn must be 0 or more, got {args.s_churn}")
+    if args.steps is not None and args.timestep_respacing is not None:
+        raise UserError("give --steps or --timestep_respacing, not both")
+    if args.step_spacing not in STEP_SPACINGS:
+        raise UserError(
+            f"unknown --step_spacing {args.step_spacing!r}; use {', '.join(STEP_SPACINGS)}"
+        )
+    if args.step_spacing != "uniform" and args.steps is None:
+        raise UserError(f"--step_spacing {args.step_spacing} needs --steps K")
+    if args.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {args.precision!r}; use {', '.join(PRECISIONS)}")
+    if args.dynamic_threshold is not None and not 0 < args.dynamic_threshold <= 1:
+        raise UserError("--dynamic_threshold is a percentile in (0, 1], e.g. 0.995")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+
+
+def parse_interval(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(
+            f"--guidance_interval {text!r}: give two step indices, e.g. 100,800"
+        ) from None
+    if not 0 <= lo <= hi:
+        raise UserError(f"--guidance_interval {text!r}: need 0 <= LO <= HI")
+    return lo, hi
+
+
+def sampling_chain(
+    flags: dict,
+    sampler: str,
+    steps: int | None,
+    spacing: str,
+    respacing: str | None,
+) -> tuple[Diffusion, Diffusion]:
+    """The chain to sample on, and the unrespaced chain of the model's training."""
+    base = build_diffusion(flags, "")
+    if steps is not None:
+        levels = levels_for_steps(sampler, steps)
+        if levels > base.num_timesteps:
+            raise UserError(
+                f"--steps {steps} asks for {levels} steps of a {base.num_timesteps}-step model"
+            )
+        return respace(base, select_timesteps(base, levels, spacing)), base
+    return build_diffusion(flags, respacing), base
+
+
+def build_stage(
+    loaded: LoadedModel,
+    *,
+    sampler: str,
+    diffusion: Diffusion,
+    base: Diffusion,
+    args: argparse.Namespace,
+    device: torch.device,
+    noise_stream: int,
+    classifier: LoadedModel | None = None,
+    classifier_scale: float = 1.0,
+    takes_low_res: bool = False,
+) -> Stage:
+    """One sampling stage: the network as a model function with its guidance wrapped in."""
+    interval = parse_interval(args.guidance_interval)
+    network = loaded.network.to(device)
+    model_fn = network_fn(
+        network,
+        class_conditional=loaded.num_classes is not None,
+        precision=args.precision,
+        device=device,
+    )
+    if args.cfg_scale is not None:
+        if loaded.cfg_null_label is None:
+            raise UserError(
+                f"--cfg_scale needs a model trained with label dropout (--cfg_dropout); "
+                f"{loaded.source} has no null label"
+            )
+        guided = classifier_free_model(model_fn, args.cfg_scale, loaded.cfg_null_label)
+        model_fn = guidance_interval(guided, model_fn, base, *interval) if interval else guided
+    cond_fn = None
+    if classifier is not None:
+        # The classifier runs outside autocast: its gradient is taken in float32.
+        cond_fn = classifier_grad_fn(classifier.network.to(device), classifier_scale)
+        if interval:
+            cond_fn = guidance_interval(cond_fn, zero_cond_fn, base, *interval)
+    options: dict = {}
+    if sampler == "ddim":
+        options["eta"] = args.eta or 0.0
+    if sampler == "heun":
+        options.update(s_churn=args.s_churn or 0.0, noise_levels=base)
+    size = loaded.flags["large_size"] if loaded.kind == "upsampler" else loaded.flags["image_size"]
+    return Stage(
+        model_fn=model_fn,
+        diffusion=diffusion,
+        shape=(3, size, size),
+        sampler=sampler,
+        options=options,
+        cond_fn=cond_fn,
+        clip_denoised=args.clip_denoised,
+        denoised_fn=dynamic_threshold(args.dynamic_threshold) if args.dynamic_threshold else None,
+        noise_stream=noise_stream,
+        takes_low_res=takes_low_res,
+    )
+
+
+def check_class_labels(args: argparse.Namespace, num_classes: int | None) -> None:
+    if args.class_label and num_classes is None:
+        raise UserError(
+            "--class_label was given, but the model is unconditional and nothing guides it; "
+            "drop --class_label or add --classifier"
+        )
+
+
+def write_outputs(args: argparse.Namespace, result, what: str) -> None:
+    """Rank 0 writes the npz (and grid) and says what it did."""
+    if result.images is None:
+        return
+    save_samples(args.out, result.images, result.labels, overwrite=args.overwrite)
+    if args.grid:
+        save_grid(args.grid, result.images, overwrite=args.overwrite)
+    evals = " + ".join(str(n) for n in result.num_model_evals)
+    shape = "x".join(str(n) for n in result.images.shape)
+    print(f"wrote {shape} samples to {args.out} ({what}; {evals} network evaluations per image)")
+
+
+def is_self_describing(spec: str) -> bool:
+    """A run directory or a .safetensors with config.json: no model options needed."""
+    path = Path(spec)
+    return path.is_dir() or (
+        path.suffix == ".safetensors" and path.with_name("config.json").exists()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    check_sampling_options(args, args.sampler)
+    upsampler_sampler = args.upsampler_sampler or args.sampler
+    if args.upsampler:
+        get_sampler(upsampler_sampler)
+        if args.upsampler_preset is None and not is_self_describing(args.upsampler):
+            raise UserError(
+                f"--upsampler {args.upsampler} is a bare checkpoint: add --upsampler_preset NAME"
+            )
+    elif args.upsampler_preset or args.upsampler_sampler or args.upsampler_steps is not None:
+        raise UserError("the --upsampler_* options need --upsampler M2")
+    preset = get_preset(args.preset) if args.preset else None
+    classifier_preset = args.classifier_preset or (preset.classifier if preset else None)
+    classifier_scale = args.classifier_scale
+    if classifier_scale is not None and args.classifier is None:
+        raise UserError("--classifier_scale needs a classifier: add --classifier C")
+    if classifier_scale is None:
+        classifier_scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0
+    parse_interval(args.guidance_interval)
+    if args.guidance_interval and args.classifier is None and args.cfg_scale is None:
+        raise UserError("--guidance_interval needs guidance: --classifier or --cfg_scale")
+    check_outputs([args.out, args.grid], args.overwrite)
+    num_samples = args.num_samples or 16
+
+    device = distributed.setup(distributed.select_device(args.device))
+    try:
+        model = load_model(args.model, "diffusion", args, weights=args.weights, preset=args.preset)
+        classifier = None
+        if args.classifier:
+            classifier = load_model(args.classifier, "classifier", args, preset=classifier_preset)
+        upsampler = None
+        if args.upsampler:
+            upsampler = load_model(args.upsampler, "upsampler", None, preset=args.upsampler_preset)
+
+        if classifier and classifier.flags["image_size"] != model.flags["image_size"]:
+            raise UserError(
+                f"the classifier takes {classifier.flags['image_size']}px images but the model "
+                f"makes {model.flags['image_size']}px ones"
+            )
+        counts = {m.source: m.num_classes for m in (model, classifier, upsampler) if m}
+        known = {k for k in counts.values() if k is not None}
+        if len(known) > 1:
+            raise UserError(f"the models disagree on the number of classes: {counts}")
+        num_classes = known.pop() if known else None
+        check_class_labels(args, num_classes)
+        labels = None
+        if num_classes is not None:
+            labels = draw_labels(num_samples, num_classes, args.seed, args.class_label)
+
+        respacing = args.timestep_respacing
+        if respacing is None and preset is not None:
+            respacing = preset.timestep_respacing
+        diffusion, base = sampling_chain(
+            model.flags, args.sampler, args.steps, args.step_spacing, respacing
+        )
+        stages = [
+            build_stage(
+                model,
+                sampler=args.sampler,
+                diffusion=diffusion,
+                base=base,
+                args=args,
+                device=device,
+                noise_stream=BASE_STREAM,
+                classifier=classifier,
+                classifier_scale=classifier_scale,
+            )
+        ]
+        if upsampler is not None:
+            if upsampler.flags["small_size"] != model.flags["image_size"]:
+                raise UserError(
+                    f"the upsampler takes {upsampler.flags['small_size']}px images but the model "
+                    f"makes {model.flags['image_size']}px ones"
+                )
+            up_preset = get_preset(args.upsampler_preset) if args.upsampler_preset else None
+            up_steps = args.upsampler_steps if args.upsampler_steps is not None else args.steps
+            up_diffusion, up_base = sampling_chain(
+                upsampler.flags,
+                upsampler_sampler,
+                up_steps,
+                args.step_spacing if up_steps is not None else "uniform",
+                up_preset.timestep_respacing if up_preset and up_steps is None else None,
+            )
+            up_args = argparse.Namespace(**{**vars(args), "cfg_scale": None})
+            stages.append(
+                build_stage(
+                    upsampler,
+                    sampler=upsampler_sampler,
+                    diffusion=up_diffusion,
+                    base=up_base,
+                    args=up_args,
+                    device=device,
+                    noise_stream=UPSAMPLER_STREAM,
+                    takes_low_res=True,
+                )
+            )
+        result = generate(
+            stages,
+            num_samples=num_samples,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            labels=labels,
+            device=device,
+            progress=True,
+        )
+        what = args.sampler + (f" then {upsampler_sampler}" if upsampler else "")
+        write_outputs(args, result, what)
+    finally:
+        distributed.teardown()
+    return 0
