@@ -26,14 +26,24 @@ class ScheduleSampler:
         raise NotImplementedError
 
     def sample(
-        self, batch_size: int, device: torch.device | str, rng: np.random.Generator | None = None
+        self,
+        batch_size: int,
+        device: torch.device | str,
+        rng: np.random.Generator | torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Chain indices t (int64 ``[N]``) and importance weights 1/(T p_t) (float32 ``[N]``).
 
-        Draws from NumPy's global generator unless ``rng`` is given, as guided-diffusion does.
+        Draws from ``rng``: a NumPy generator, a ``torch.Generator`` (the per-step generator of
+        ``admkit.train``, so a resumed run draws the same t), or, when None, NumPy's global
+        generator as guided-diffusion does.
         """
         w = self.weights()
         p = w / np.sum(w)
+        if isinstance(rng, torch.Generator):
+            p_t = torch.from_numpy(p).to(rng.device)
+            indices = torch.multinomial(p_t, batch_size, replacement=True, generator=rng)
+            weights = 1 / (len(p) * p_t[indices])
+            return indices.to(device), weights.float().to(device)
         choice = np.random.choice if rng is None else rng.choice
         indices = choice(len(p), size=(batch_size,), p=p)
         weights = 1 / (len(p) * p[indices])
@@ -109,6 +119,24 @@ class LossSecondMomentResampler(LossAwareSampler):
             else:
                 self._loss_history[t, self._loss_counts[t]] = loss
                 self._loss_counts[t] += 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The loss history and counts, as tensors (checkpointed with a training run)."""
+        return {
+            "loss_history": torch.from_numpy(self._loss_history.copy()),
+            "loss_counts": torch.from_numpy(self._loss_counts.copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        history = state["loss_history"].cpu().numpy().astype(np.float64)
+        counts = state["loss_counts"].cpu().numpy().astype(np.int64)
+        if history.shape != self._loss_history.shape or counts.shape != self._loss_counts.shape:
+            raise ValueError(
+                f"sampler state of shape {history.shape} does not fit "
+                f"{self._loss_history.shape} (another number of timesteps or history length)"
+            )
+        self._loss_history[...] = history
+        self._loss_counts[...] = counts
 
     def _warmed_up(self) -> bool:
         return bool((self._loss_counts == self.history_per_term).all())

@@ -154,7 +154,13 @@ def iterate_batches(
     )
     # One pass over an endless sampler is the whole run, so persistent_workers (which only
     # saves restarting workers between passes) would buy nothing here.
+    # A starting DataLoader draws its workers' base seed from a generator; giving it its own
+    # keeps that draw out of torch's global stream (dropout...), so resumed runs stay exact.
     loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
     )
     yield from loader

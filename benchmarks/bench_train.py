@@ -1,0 +1,169 @@
+"""Training throughput and peak memory: admkit's loop in fp32 / bf16, compiled or not, against
+the original's per-step arithmetic (einsum attention, float32, no compilation) in the same run.
+
+Every configuration trains in its own process (so the CPU's peak RSS is that configuration's)
+through ``admkit.train.train`` with the diffusion loss of ``admkit train`` (L_hybrid, uniform t),
+EMA and AdamW, on random in-memory batches: data loading is left out. The first interval of
+``--interval`` steps is warm-up (and compilation); images/s is the median over the following
+intervals. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, the process's max RSS
+on the CPU. One JSON line per configuration.
+
+    python benchmarks/bench_train.py                      # small 32px model, CPU or GPU
+    python benchmarks/bench_train.py --image_size 64 --num_channels 128 --batch_size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from admkit.cli.models import build_diffusion, build_network  # noqa: E402
+from admkit.cli.training import DiffusionLoss  # noqa: E402
+from admkit.compat import script_util  # noqa: E402
+from admkit.timestep_sampling import UniformSampler  # noqa: E402
+from admkit.train import TrainConfig, train  # noqa: E402
+from common import device_name, emit, reference_attention  # noqa: E402
+
+
+def flags_for(args: argparse.Namespace) -> dict:
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update(
+        image_size=args.image_size,
+        num_channels=args.num_channels,
+        num_res_blocks=2,
+        channel_mult=args.channel_mult,
+        attention_resolutions="16,8",
+        num_head_channels=32,
+        class_cond=True,
+        num_classes=10,
+        learn_sigma=True,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+    )
+    return flags
+
+
+def random_batches(args: argparse.Namespace, device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    x_0 = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+    y = torch.randint(0, 10, (args.batch_size,), generator=generator).to(device)
+
+    def batches(start_step: int):
+        while True:
+            yield x_0, y
+
+    return batches
+
+
+def measure(args: argparse.Namespace, impl: str, precision: str, compiled: bool) -> dict:
+    """Train one configuration in this process; returns its JSON record."""
+    device = torch.device(args.device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    flags = flags_for(args)
+    torch.manual_seed(0)
+    network = build_network("diffusion", flags)
+    diffusion = build_diffusion(flags)
+    loss_fn = DiffusionLoss(diffusion, UniformSampler(diffusion.num_timesteps), class_cond=True)
+    config = TrainConfig(
+        steps=args.interval * (args.intervals + 1),
+        batch_size=args.batch_size,
+        lr=1e-4,
+        ema_rates=(0.9999,),
+        precision=precision,
+        log_interval=args.interval,
+        save_interval=10**9,
+        compile=compiled,
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as run_dir:
+        start = time.perf_counter()
+        with reference_attention() if impl == "reference" else contextlib.nullcontext():
+            batches = random_batches(args, device)
+            train(network, loss_fn, batches, config, run_dir, device=device, progress=False)
+        wall = time.perf_counter() - start
+        records = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+        rates = [json.loads(line)["images_per_s"] for line in records[1:]]
+    record = dict(
+        bench="train",
+        device=device_name(device),
+        config=f"{args.image_size}px-{args.num_channels}ch",
+        parameters=sum(p.numel() for p in network.parameters()),
+        batch_size=args.batch_size,
+        impl=impl,
+        dtype=precision,
+        compile=compiled,
+        images_per_s=round(statistics.median(rates), 2),
+        wall_s=round(wall, 1),
+    )
+    if device.type == "cuda":
+        record["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        record["peak_rss_mb"] = round(peak, 1)
+        record["rss_before_model_mb"] = round(rss_before, 1)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--num_channels", type=int, default=64)
+    parser.add_argument("--channel_mult", default="1,2,2")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--interval", type=int, default=5, help="steps per timed interval")
+    parser.add_argument("--intervals", type=int, default=3, help="timed intervals after warm-up")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument(
+        "--compile", default=None, help="off, on or off,on (default: off,on on a GPU, off on CPU)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker is not None:
+        impl, precision, compiled = json.loads(args.worker)
+        print(json.dumps(measure(args, impl, precision, compiled)), flush=True)
+        return
+
+    compile_modes = args.compile or ("off,on" if args.device.startswith("cuda") else "off")
+    runs = [("reference", "fp32", False)]
+    for precision in args.dtypes.split(","):
+        for mode in compile_modes.split(","):
+            runs.append(("admkit", precision, mode == "on"))
+    passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")]
+    for impl, precision, compiled in runs:
+        command = [sys.executable, __file__, *passthrough]
+        command += ["--worker", json.dumps([impl, precision, compiled])]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {args.timeout} s"
+            emit(dict(bench="train", impl=impl, dtype=precision, compile=compiled, error=error))
+            continue
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            emit(dict(bench="train", impl=impl, dtype=precision, compile=compiled, error=last))
+            continue
+        record = json.loads(lines[-1])
+        if compiled and "torch.compile failed" in done.stderr:
+            record["compile"] = "failed, ran eager"
+        emit(record)
+
+
+if __name__ == "__main__":
+    main()
