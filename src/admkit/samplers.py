@@ -534,6 +534,14 @@ def _nearest_distinct(sigmas: np.ndarray, targets: np.ndarray) -> list[int]:
 STEP_SPACINGS = ("uniform", "karras", "logsnr")
 
 
+def default_step_spacing(sampler: str) -> str:
+    """The spacing of ``--steps`` levels when none is asked for: guided-diffusion's even spacing,
+    except for Heun. Its trapezoidal correction is unstable across the first, enormous step that
+    even spacing takes from the top of a cosine chain (σ ≈ 10⁴ at t = 999 down to σ ≈ 10²), which
+    ruins the samples; Karras spacing, as EDM uses with this sampler, makes that step small."""
+    return "karras" if sampler == "heun" else "uniform"
+
+
 def select_timesteps(diffusion: Diffusion, num_steps: int, spacing: str = "uniform") -> list[int]:
     """``num_steps`` chain indices of ``diffusion``: guided-diffusion's even respacing
     (``space_timesteps(T, "K")``), EDM's Karras spacing or DPM-Solver's logSNR spacing."""

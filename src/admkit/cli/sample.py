@@ -49,6 +49,7 @@ from admkit.samplers import (
     SAMPLER_HELP,
     SAMPLERS,
     STEP_SPACINGS,
+    default_step_spacing,
     get_sampler,
     levels_for_steps,
     select_timesteps,
@@ -84,8 +85,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     add("--steps", type=int, default=None, help="network evaluations per image (see above)")
     add(
         *spellings("step_spacing"),
-        default="uniform",
-        help=f"how --steps picks noise levels: {', '.join(STEP_SPACINGS)} (default uniform)",
+        default=None,
+        help=f"how --steps picks noise levels: {', '.join(STEP_SPACINGS)} "
+        "(default uniform; karras for heun)",
     )
     add("--eta", type=float, default=None, help="DDIM's η (ddim only; default 0)")
     add(*spellings("s_churn"), type=float, default=None, help="EDM's S_churn (heun only)")
@@ -164,11 +166,11 @@ def check_sampling_options(args: argparse.Namespace, sampler: str) -> None:
         raise UserError(f"--s_churn must be 0 or more, got {args.s_churn}")
     if args.steps is not None and args.timestep_respacing is not None:
         raise UserError("give --steps or --timestep_respacing, not both")
-    if args.step_spacing not in STEP_SPACINGS:
+    if args.step_spacing is not None and args.step_spacing not in STEP_SPACINGS:
         raise UserError(
             f"unknown --step_spacing {args.step_spacing!r}; use {', '.join(STEP_SPACINGS)}"
         )
-    if args.step_spacing != "uniform" and args.steps is None:
+    if args.step_spacing not in (None, "uniform") and args.steps is None:
         raise UserError(f"--step_spacing {args.step_spacing} needs --steps K")
     if args.precision not in PRECISIONS:
         raise UserError(f"unknown --precision {args.precision!r}; use {', '.join(PRECISIONS)}")
@@ -200,11 +202,12 @@ def sampling_chain(
     flags: dict,
     sampler: str,
     steps: int | None,
-    spacing: str,
+    spacing: str | None,
     respacing: str | None,
 ) -> tuple[Diffusion, Diffusion]:
     """The chain to sample on, and the unrespaced chain of the model's training."""
     base = build_diffusion(flags, "")
+    spacing = spacing or default_step_spacing(sampler)
     if steps is not None:
         levels = levels_for_steps(sampler, steps)
         if levels > base.num_timesteps:
@@ -382,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
                 upsampler.flags,
                 upsampler_sampler,
                 up_steps,
-                args.step_spacing if up_steps is not None else "uniform",
+                args.step_spacing if up_steps is not None else None,
                 up_preset.timestep_respacing if up_preset and up_steps is None else None,
             )
             up_args = argparse.Namespace(**{**vars(args), "cfg_scale": None})
