@@ -35,20 +35,7 @@ from admkit.samplers import (  # noqa: E402
     select_timesteps,
 )
 from admkit.unet import UNet  # noqa: E402
-from common import device_name, emit, reference_attention, synchronize  # noqa: E402
-
-SMALL = dict(
-    image_size=32,
-    num_channels=64,
-    num_res_blocks=2,
-    channel_mult="1,2,2",
-    attention_resolutions="16,8",
-    num_head_channels=32,
-    class_cond=True,
-    learn_sigma=True,
-    resblock_updown=True,
-    use_scale_shift_norm=True,
-)
+from common import SMALL, device_name, emit, reference_attention, synchronize  # noqa: E402
 
 
 def build(args) -> tuple[UNet, dict]:

@@ -19,20 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from admkit.compat import script_util  # noqa: E402
 from admkit.presets import get_preset  # noqa: E402
 from admkit.unet import UNet  # noqa: E402
-from common import autocast, device_name, emit, reference_attention, time_call  # noqa: E402
-
-SMALL = dict(
-    image_size=32,
-    num_channels=64,
-    num_res_blocks=2,
-    channel_mult="1,2,2",
-    attention_resolutions="16,8",
-    num_head_channels=32,
-    class_cond=True,
-    learn_sigma=True,
-    resblock_updown=True,
-    use_scale_shift_norm=True,
-)
+from common import SMALL, autocast, device_name, emit, reference_attention, time_call  # noqa: E402
 
 
 def build(args) -> tuple[torch.nn.Module, dict]:

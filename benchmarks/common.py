@@ -18,6 +18,21 @@ import torch
 
 import admkit.nn
 
+# The small configuration every benchmark uses by default on a CPU (a 32-pixel class-conditional
+# ADM with learned variances, attention at 16 and 8 pixels, BigGAN up/down blocks).
+SMALL = dict(
+    image_size=32,
+    num_channels=64,
+    num_res_blocks=2,
+    channel_mult="1,2,2",
+    attention_resolutions="16,8",
+    num_head_channels=32,
+    class_cond=True,
+    learn_sigma=True,
+    resblock_updown=True,
+    use_scale_shift_norm=True,
+)
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":

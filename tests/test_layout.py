@@ -20,6 +20,8 @@ FORBIDDEN = {
     "metrics": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
     "data": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
     "checkpoint": {"cli", "compat", "train"},
+    "distributed": {"train", "cli", "compat", "unet", "nn", "diffusion"},
+    "runlog": {"train", "cli", "compat", "unet", "nn", "diffusion"},
     "judge": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
     "generate": {"unet", "nn", "train", "cli", "compat"},
 }

@@ -153,20 +153,36 @@ def ddpm_sample(
     callback: Callable[[int, Step], None] | None = None,
 ) -> Sample:
     """Ancestral sampling from x_T over every step of ``diffusion``: T network calls."""
+    return _reverse_chain(
+        ddpm_step,
+        diffusion,
+        model_fn,
+        x_T,
+        progress=progress,
+        callback=callback,
+        model_kwargs=model_kwargs,
+        cond_fn=cond_fn,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+        generator=generator,
+    )
+
+
+def _reverse_chain(
+    step_fn: Callable[..., Step],
+    diffusion: Diffusion,
+    model_fn: ModelFn,
+    x_T: Tensor,
+    *,
+    progress: bool,
+    callback: Callable[[int, Step], None] | None,
+    **step_options,
+) -> Sample:
+    """Apply ``step_fn`` from chain index T-1 down to 0, one network call per step."""
     x = x_T
     for i in _steps(range(diffusion.num_timesteps - 1, -1, -1), progress):
         with torch.no_grad():
-            step = ddpm_step(
-                diffusion,
-                model_fn,
-                x,
-                _full(x, i),
-                model_kwargs=model_kwargs,
-                cond_fn=cond_fn,
-                clip_denoised=clip_denoised,
-                denoised_fn=denoised_fn,
-                generator=generator,
-            )
+            step = step_fn(diffusion, model_fn, x, _full(x, i), **step_options)
         if callback is not None:
             callback(i, step)
         x = step.sample
@@ -240,25 +256,20 @@ def ddim_sample(
     callback: Callable[[int, Step], None] | None = None,
 ) -> Sample:
     """DDIM sampling from x_T over every step of ``diffusion``: T network calls."""
-    x = x_T
-    for i in _steps(range(diffusion.num_timesteps - 1, -1, -1), progress):
-        with torch.no_grad():
-            step = ddim_step(
-                diffusion,
-                model_fn,
-                x,
-                _full(x, i),
-                eta=eta,
-                model_kwargs=model_kwargs,
-                cond_fn=cond_fn,
-                clip_denoised=clip_denoised,
-                denoised_fn=denoised_fn,
-                generator=generator,
-            )
-        if callback is not None:
-            callback(i, step)
-        x = step.sample
-    return Sample(sample=x, num_model_evals=diffusion.num_timesteps)
+    return _reverse_chain(
+        ddim_step,
+        diffusion,
+        model_fn,
+        x_T,
+        progress=progress,
+        callback=callback,
+        eta=eta,
+        model_kwargs=model_kwargs,
+        cond_fn=cond_fn,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+        generator=generator,
+    )
 
 
 def ddim_reverse_step(
