@@ -96,7 +96,9 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.T
 
     Computed with ``scaled_dot_product_attention``; its fused kernels accumulate the softmax in
     float32 for half inputs, as the original does explicitly. With float32 inputs the result
-    equals the original's einsum formulation to rounding.
+    equals the original's einsum formulation to rounding. The fused kernels have no second
+    derivative: for double backward (a gradient penalty), run the forward pass inside
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``.
 
     Args:
         qkv: [N, 3C, L].
@@ -111,11 +113,12 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.T
         raise ValueError(f"qkv width {width} is not divisible by 3 x {num_heads} heads")
     head_channels = width // (3 * num_heads)
     if new_order:
-        qkv = qkv.reshape(batch, 3, num_heads, head_channels, length).transpose(0, 1)
+        qkv = qkv.reshape(batch, 3, num_heads, head_channels, length).permute(1, 0, 2, 4, 3)
     else:
-        qkv = qkv.reshape(batch, num_heads, 3, head_channels, length).permute(2, 0, 1, 3, 4)
-    # [N, n_h, c, L] -> [N, n_h, L, c], the layout the kernel expects
-    q, k, v = (part.transpose(-1, -2) for part in qkv.unbind(0))
+        qkv = qkv.reshape(batch, num_heads, 3, head_channels, length).permute(2, 0, 1, 4, 3)
+    # One copy into [3, N, n_h, L, c] with c contiguous: the fused (flash) kernels need a unit
+    # stride on the last dimension and otherwise fall back to the unfused math path.
+    q, k, v = qkv.contiguous().unbind(0)
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(-1, -2).reshape(batch, num_heads * head_channels, length)
 
