@@ -129,7 +129,16 @@ def test_help_lists_every_sampler(capsys):
         main(["sample", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for name in ("ddpm", "ddim", "dpm++2m", "heun", "--cfg_scale", "--upsampler", "--steps"):
+    for name in (
+        "ddpm",
+        "ddim",
+        "dpm++2m",
+        "dpm++2m-sde",
+        "heun",
+        "--cfg_scale",
+        "--upsampler",
+        "--steps",
+    ):
         assert name in out
 
 
@@ -139,6 +148,7 @@ def test_help_lists_every_sampler(capsys):
         ("ddpm", ["--timestep_respacing", "ddim4"], 4),
         ("ddim", ["--steps", "4", "--eta", "0.5"], 4),
         ("dpm++2m", ["--steps", "5", "--step_spacing", "logsnr"], 5),
+        ("dpm++2m-sde", ["--steps", "4", "--step_spacing", "logsnr"], 4),
         ("heun", ["--steps", "6", "--step-spacing", "karras", "--s_churn", "2"], 5),
     ],
 )

@@ -1,5 +1,5 @@
 """Samplers as free functions over a model function: ancestral DDPM, DDIM (with its inversion), and
-two fast ODE solvers, DPM-Solver++ 2M and EDM's Heun.
+the fast solvers DPM-Solver++ 2M (ODE, and SDE with η > 0) and EDM's Heun.
 
 Notation and the model-function contract are those of ``admkit.diffusion``; the condition
 function of classifier guidance is that of ``admkit.guidance``. Every sampler has the same
@@ -19,11 +19,12 @@ Each sampler walks the noise levels of ``diffusion``'s chain, so the steps are c
 respacing: guided-diffusion's strings (``space_timesteps``), or ``select_timesteps`` with EDM's
 ρ = 7 spacing (``karras_timesteps``) or even log-SNR steps (``logsnr_timesteps``), each mapped
 to trained steps. ``levels_for_steps`` turns a budget of network evaluations into
-a number of levels: one evaluation per level for ``ddpm``, ``ddim`` and ``dpm++2m``; 2·levels - 1
-for ``heun``. Classifier guidance (``cond_fn``) enters DDPM as the mean shift, DDIM as Alg. 2 and
-the ODE solvers through the score (``guidance.classifier_score_model``).
+a number of levels: one evaluation per level for ``ddpm``, ``ddim``, ``dpm++2m`` and
+``dpm++2m-sde``; 2·levels - 1 for ``heun``. Classifier guidance (``cond_fn``) enters DDPM as
+the mean shift, DDIM as Alg. 2 and the fast solvers through the score
+(``guidance.classifier_score_model``).
 
-The ODE solvers' notation, on top of ``admkit.diffusion``'s:
+The fast solvers' notation, on top of ``admkit.diffusion``'s:
 
 | symbol | code | meaning |
 | --- | --- | --- |
@@ -348,13 +349,19 @@ def dpm_solver_2m_sample(
     generator: Generator = None,
     progress: bool = False,
     callback: Callable[[int, Step], None] | None = None,
+    eta: float = 0.0,
 ) -> Sample:
     """DPM-Solver++ 2M from x_T through every level of ``diffusion``: T network calls.
 
     The exponential integrator in λ with x̂_0 extrapolated linearly from the last two
     evaluations; the first step and the last (to σ = 0, where it returns x̂_0 as DDIM does) are
-    first order. Deterministic: ``generator`` is accepted for a uniform signature and unused.
+    first order. With ``eta`` = 0 (the default) it solves the probability-flow ODE and is
+    deterministic (``generator`` unused). With ``eta`` > 0 it solves the reverse SDE scaled by η
+    (η = 1: SDE-DPM-Solver++(2M) of Lu et al. 2022): each step keeps e^{-ηh} of the
+    deterministic part and adds fresh noise of variance σ_t²(1 - e^{-2ηh}) from ``generator``.
     """
+    if eta < 0:
+        raise ValueError(f"eta must be 0 or more, got {eta}")
     if cond_fn is not None:
         model_fn = classifier_score_model(model_fn, cond_fn, diffusion)
     alpha_bar = diffusion.alphas_cumprod
@@ -382,13 +389,25 @@ def dpm_solver_2m_sample(
                 if x_0_last is not None:
                     r = h_last / h
                     denoised = (1 + 1 / (2 * r)) * pred.x_0 - 1 / (2 * r) * x_0_last
-                # 4. x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) D  (DPM-Solver++ Eq. 9 / Alg. 2).
-                ratio = math.sqrt((1 - t_bar) / (1 - s_bar))
-                x = ratio * x - math.sqrt(t_bar) * math.expm1(-h) * denoised
+                # 4. x_t = (σ_t/σ_s) e^{-ηh} x_s + α_t (1 - e^{-(1+η)h}) D + σ_t √(1 - e^{-2ηh}) z;
+                #    η = 0 is DPM-Solver++ Eq. 9 / Alg. 2.
+                ratio = math.sqrt((1 - t_bar) / (1 - s_bar)) * math.exp(-eta * h)
+                x = ratio * x - math.sqrt(t_bar) * math.expm1(-(1 + eta) * h) * denoised
+                if eta > 0:
+                    spread = math.sqrt((1 - t_bar) * -math.expm1(-2 * eta * h))
+                    x = x + spread * randn_like(x, generator)
                 x_0_last, h_last = pred.x_0, h
         if callback is not None:
             callback(i, Step(sample=x, x_0=pred.x_0))
     return Sample(sample=x, num_model_evals=diffusion.num_timesteps)
+
+
+def dpm_solver_2m_sde_sample(diffusion: Diffusion, model_fn: ModelFn, x_T: Tensor, **options):
+    """SDE-DPM-Solver++(2M): :func:`dpm_solver_2m_sample` with η = 1, T network calls.
+
+    Stochastic like DDPM, so a model's errors are partly washed out by fresh noise instead of
+    carried along one ODE trajectory, and second order in the deterministic part."""
+    return dpm_solver_2m_sample(diffusion, model_fn, x_T, eta=1.0, **options)
 
 
 def _lam(alpha_bar: float) -> float:
@@ -568,8 +587,9 @@ def select_timesteps(diffusion: Diffusion, num_steps: int, spacing: str = "unifo
 def levels_for_steps(sampler: str, steps: int) -> int:
     """Noise levels to respace to for a budget of ``steps`` network evaluations per image.
 
-    ``ddpm``, ``ddim`` and ``dpm++2m`` evaluate once per level; ``heun`` 2·levels - 1 times, so
-    it gets (steps + 1) // 2 levels (19 or 20 evaluations → 10 levels, 19 evaluations).
+    ``ddpm``, ``ddim``, ``dpm++2m`` and ``dpm++2m-sde`` evaluate once per level; ``heun``
+    2·levels - 1 times, so it gets (steps + 1) // 2 levels (19 or 20 evaluations → 10 levels,
+    19 evaluations).
     """
     get_sampler(sampler)
     if sampler == "heun":
@@ -585,12 +605,14 @@ SAMPLERS: dict[str, Callable[..., Sample]] = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
     "dpm++2m": dpm_solver_2m_sample,
+    "dpm++2m-sde": dpm_solver_2m_sde_sample,
     "heun": heun_sample,
 }
 SAMPLER_HELP = {
     "ddpm": "ancestral sampling (DDPM; ADM Alg. 1 with a classifier), one evaluation per step",
     "ddim": "DDIM (--eta, 0 = deterministic; ADM Alg. 2 with a classifier)",
     "dpm++2m": "DPM-Solver++ 2M, deterministic multistep, good at 10-25 evaluations",
+    "dpm++2m-sde": "SDE-DPM-Solver++ 2M, stochastic multistep, one evaluation per step",
     "heun": "EDM's second-order Heun (--s_churn for stochasticity), 2 evaluations per step",
 }
 

@@ -9,9 +9,9 @@ The model, classifier and upsampler are each a run directory, a ``.safetensors``
 and respacing come with it) or the model options. The sampling options here are shared with
 ``admkit upsample`` (``add_sampling_options``, ``build_stage``).
 
-``--steps K`` is a budget of network evaluations per image: ddpm, ddim and dpm++2m respace to K
-steps, heun to (K + 1) // 2 noise levels (2·levels - 1 evaluations). Without it the chain is
-``--timestep_respacing``, else the preset's respacing, else the model's own.
+``--steps K`` is a budget of network evaluations per image: ddpm, ddim, dpm++2m and dpm++2m-sde
+respace to K steps, heun to (K + 1) // 2 noise levels (2·levels - 1 evaluations). Without it the
+chain is ``--timestep_respacing``, else the preset's respacing, else the model's own.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ from admkit.samplers import (
 
 BASE_STREAM, UPSAMPLER_STREAM = 1, 2  # generator streams of the two stages of a cascade
 STEPS_HELP = """\
---steps K is a budget of network evaluations per image: ddpm, ddim and dpm++2m respace the
-model to K steps, heun to (K + 1) // 2 noise levels (2 evaluations per level, 1 for the last).
+--steps K is a budget of network evaluations per image: ddpm, ddim, dpm++2m and dpm++2m-sde
+respace the model to K steps, heun to (K + 1) // 2 noise levels (2 evaluations per level, 1 for
+the last).
 Without --steps the chain is --timestep_respacing, else the preset's, else the model's own.
 --step_spacing picks K levels evenly in steps (uniform, as guided-diffusion), as EDM (karras,
 rho 7) or evenly in log-SNR (logsnr)."""
