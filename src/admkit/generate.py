@@ -5,10 +5,11 @@ its chain, a sampler by name); ``generate`` runs a list of stages per batch, so 
 base stage followed by an upsampler stage whose ``low_res`` is the previous stage's output.
 
 Reproducibility: image i's starting noise x_T, every noise its sampler draws later (DDPM, DDIM
-with η > 0, DPM-Solver++ 2M SDE, Heun's churn) and its random label come from generators seeded by (seed, i, stream)
-alone. Image i is therefore the same whatever batch it is drawn in and however many processes
-share the work (each rank takes indices rank, rank + W, ...; rank 0 gathers). Generators live on
-the sampling device, so a CPU and a GPU give different images for one seed.
+with η > 0, DPM-Solver++ 2M SDE, Heun's churn) and its random label come from generators seeded
+by (seed, i, stream) alone. Image i is therefore the same whatever batch it is drawn in and
+however many processes share the work (each rank takes indices rank, rank + W, ...; rank 0
+gathers). Generators live on the sampling device, so a CPU and a GPU give different images for
+one seed.
 
 Output follows guided-diffusion (reference §8.1): x ∈ [-1, 1] becomes ((x + 1)·127.5) clamped to
 [0, 255] and TRUNCATED to uint8, in NHWC order; ``.npz`` with ``arr_0`` and, when labels were
