@@ -239,6 +239,15 @@ def test_unreadable_files_are_user_errors(tmp_path):
         ckpt.read_state_dict(broken)
     with pytest.raises(UserError, match="does not exist"):
         ckpt.read_state_dict(tmp_path / "missing.pt")
+    # Random bytes and text are damaged files, not refused objects.
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(range(256)) * 4)
+    text = tmp_path / "text.pt"
+    text.write_text("hello, this is not a checkpoint")
+    for path in (noise, text):
+        with pytest.raises(UserError, match="cannot read") as error:
+            ckpt.read_state_dict(path)
+        assert "could run code" not in str(error.value)
     nested = tmp_path / "nested.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, nested)
     with pytest.raises(UserError, match="not a state dict"):

@@ -386,13 +386,19 @@ def read_state_dict(path: str | os.PathLike, weights: str | None = None) -> dict
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
-            raise UserError(f"cannot read {path}: damaged checkpoint ({error})") from None
-        raise UserError(
-            f"{path} holds Python objects besides tensors, and loading them could run code, so "
-            "admkit refuses it; re-save it as a plain state dict or a .safetensors file"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        # torch words every weights-only failure alike. A refused object names its GLOBAL; a
+        # plain pickle (PROTO opcode 0x80, protocol 2-5, not torch.save's zip) may stop earlier,
+        # at an opcode the safe unpickler lacks, and may hold anything.
+        with open(path, "rb") as file:
+            head = file.read(2)
+        plain_pickle = len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+        if "global" in str(error).lower() or plain_pickle:
+            raise UserError(
+                f"{path} holds Python objects besides tensors, and loading them could run code, "
+                "so admkit refuses it; re-save it as a plain state dict or a .safetensors file"
+            ) from None
+        raise UserError(f"cannot read {path}: not a PyTorch checkpoint (damaged?)") from None
+    except Exception as error:  # torch.load raises many types for truncated or foreign files
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot read {path}: not a complete checkpoint ({first_line})") from None
     if not isinstance(loaded, Mapping) or not all(
