@@ -331,6 +331,23 @@ def test_cascade_equals_sampling_then_upsampling(files, tmp_path, capsys):
     np.testing.assert_array_equal(up["arr_1"], load(tmp_path / "base.npz")["arr_1"])
 
 
+def test_bare_upsampler_file_takes_its_channel_mult(tmp_path, capsys):
+    # A 16px upsampler trained with channel_mult 1,2 (the table's 16px default is 1,2,2).
+    flags = full_flags("upsampler", UPSAMPLER, 5)
+    torch.save(randomised("upsampler", flags, 9).state_dict(), tmp_path / "u.pt")
+    base = tmp_path / "base.npz"
+    np.savez(base, np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 4]))
+    options = as_options({**UPSAMPLER_PRESET, "num_classes": K})
+    argv = ["upsample", "--model", tmp_path / "u.pt", "--base_samples", base, "--steps", 2]
+    code, _, err = admkit(capsys, *argv, *options, "--out", tmp_path / "without.npz")
+    assert code == 2 and "shape" in err  # the default multipliers do not fit
+    code, _, err = admkit(
+        capsys, *argv, *options, "--channel_mult", "1,2", "--out", tmp_path / "with.npz"
+    )
+    assert code == 0, err
+    assert load(tmp_path / "with.npz")["arr_0"].shape == (2, 16, 16, 3)
+
+
 @pytest.fixture
 def tiny_presets(monkeypatch):
     """Two tiny entries in the preset table, as a released model and its classifier."""

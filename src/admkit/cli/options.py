@@ -15,11 +15,18 @@ from typing import Any
 from admkit.compat import script_util
 from admkit.errors import UserError
 
+
+def _upsampler_defaults() -> dict[str, Any]:
+    # Beyond the original, an upsampler's channel_mult may be given (sizes without a default,
+    # or a checkpoint trained with another one); "" keeps guided-diffusion's table.
+    return {**script_util.sr_model_and_diffusion_defaults(), "channel_mult": ""}
+
+
 # groups of flags, each with guided-diffusion's defaults
 FLAG_GROUPS = {
     "model": script_util.model_and_diffusion_defaults,
     "classifier": script_util.classifier_and_diffusion_defaults,
-    "upsampler": script_util.sr_model_and_diffusion_defaults,
+    "upsampler": _upsampler_defaults,
 }
 
 

@@ -34,11 +34,6 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     parser = subparsers.add_parser(name, help=help_text, description=DESCRIPTION, epilog=EPILOG)
     training.add_run_options(parser)
     add_model_options(parser, "upsampler")
-    parser.add_argument(
-        *spellings("channel_mult"),
-        default=None,
-        help="channel multipliers for a --large_size without a default (comma list)",
-    )
     training.add_training_options(parser, "upsampler")
     training.add_diffusion_loss_options(parser)
     group = parser.add_argument_group("low-resolution conditioning")
@@ -64,8 +59,6 @@ def run(args: argparse.Namespace) -> int:
     training.check_out(args.out)
     base = preset_flags(args.preset, "upsampler") if args.preset else None
     flags = resolve_flags(args, "upsampler", base)
-    if args.channel_mult is not None:
-        flags["channel_mult"] = args.channel_mult
     large_size, small_size = flags["large_size"], flags["small_size"]
     if not 0 < small_size < large_size:
         raise UserError(
