@@ -46,7 +46,8 @@ from admkit.guidance import classifier_grad_fn  # noqa: E402
 from admkit.judge import DigitJudge, judge_outputs, train_judge  # noqa: E402
 from admkit.metrics.fid import frechet_distance, statistics_of  # noqa: E402
 from admkit.metrics.precision_recall import precision_recall  # noqa: E402
-from admkit.samplers import SAMPLERS, STEP_SPACINGS, levels_for_steps  # noqa: E402
+from admkit.samplers import SAMPLERS, levels_for_steps  # noqa: E402
+from admkit.step_selection import STEP_SPACINGS  # noqa: E402
 from common import device_name, emit  # noqa: E402
 
 NUM_DIGITS = 10

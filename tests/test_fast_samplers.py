@@ -21,12 +21,10 @@ from admkit.samplers import (
     dpm_solver_2m_sample,
     get_sampler,
     heun_sample,
-    karras_timesteps,
     levels_for_steps,
-    logsnr_timesteps,
     randn,
-    select_timesteps,
 )
+from admkit.step_selection import karras_timesteps, logsnr_timesteps, select_timesteps
 
 MU = torch.tensor([0.3, -0.4]).view(1, 2, 1, 1)
 S = torch.tensor([0.5, 1.0]).view(1, 2, 1, 1)

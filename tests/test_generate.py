@@ -25,7 +25,7 @@ from admkit.generate import (
     save_grid,
     save_samples,
 )
-from admkit.samplers import select_timesteps
+from admkit.step_selection import select_timesteps
 from admkit.unet import SuperResUNet, UNet
 
 TINY = dict(

@@ -16,7 +16,8 @@ from admkit.guidance import (
     original_steps,
     zero_cond_fn,
 )
-from admkit.samplers import SAMPLERS, get_sampler, levels_for_steps, select_timesteps
+from admkit.samplers import SAMPLERS, get_sampler, levels_for_steps
+from admkit.step_selection import select_timesteps
 
 MU = torch.tensor([0.3, -0.4]).view(1, 2, 1, 1)
 S = torch.tensor([0.5, 1.0]).view(1, 2, 1, 1)

@@ -15,6 +15,7 @@ FORBIDDEN = {
     "losses": {"unet", "nn", "train", "cli", "compat", "metrics"},
     "timestep_sampling": {"unet", "nn", "train", "cli", "compat", "metrics"},
     "samplers": {"unet", "nn", "train", "cli", "compat", "metrics"},
+    "step_selection": {"unet", "nn", "samplers", "guidance", "train", "cli", "compat", "metrics"},
     "guidance": {"unet", "nn", "train", "cli", "compat", "metrics"},
     "train": {"unet", "nn", "diffusion", "cli", "compat", "samplers"},
     "metrics": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},

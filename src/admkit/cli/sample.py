@@ -45,15 +45,8 @@ from admkit.guidance import (
     zero_cond_fn,
 )
 from admkit.presets import get_preset
-from admkit.samplers import (
-    SAMPLER_HELP,
-    SAMPLERS,
-    STEP_SPACINGS,
-    default_step_spacing,
-    get_sampler,
-    levels_for_steps,
-    select_timesteps,
-)
+from admkit.samplers import SAMPLER_HELP, SAMPLERS, get_sampler, levels_for_steps
+from admkit.step_selection import STEP_SPACINGS, default_step_spacing, select_timesteps
 
 BASE_STREAM, UPSAMPLER_STREAM = 1, 2  # generator streams of the two stages of a cascade
 STEPS_HELP = """\
