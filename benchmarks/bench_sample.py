@@ -1,11 +1,12 @@
-"""Sampling throughput per sampler, against the original's way in the same run.
+"""Sampling throughput per sampler and precision, against the original's way in the same run.
 
-Prints one JSON line per sampler: images/s for a whole run of ``--steps`` network evaluations,
-seconds per network evaluation, and the speed relative to the reference point, which is the plain
-ancestral loop over the same number of steps with the original's einsum attention
-(``common.reference_attention``), global-generator noise and no autocast. Samplers at equal
-``--steps`` do equal network work (heun: 2·levels - 1 evaluations), so their images/s differ by
-the solver's own overhead and per-image noise; CFG doubles each evaluation's batch.
+Prints one JSON line per sampler and precision: images/s for a whole run of ``--steps`` network
+evaluations, seconds per network evaluation, and the speed per evaluation relative to the
+reference point: the plain ancestral loop over the same number of steps with the original's
+einsum attention (``common.reference_attention``), float32, global-generator noise and no
+autocast. Every figure is the median of ``--repeats`` runs. Samplers at equal ``--steps`` do
+equal network work (heun: 2·levels - 1 evaluations), so their figures differ by the solver's own
+overhead and per-image noise; CFG doubles each evaluation's batch.
 
     python benchmarks/bench_sample.py
     python benchmarks/bench_sample.py --preset imagenet64 --batch_size 16 --steps 25 --device cuda
@@ -14,6 +15,7 @@ the solver's own overhead and per-image noise; CFG doubles each evaluation's bat
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,14 +28,8 @@ from admkit.diffusion import Diffusion, DiffusionConfig, respace  # noqa: E402
 from admkit.generate import image_generators, network_fn  # noqa: E402
 from admkit.guidance import classifier_free_model  # noqa: E402
 from admkit.presets import get_preset  # noqa: E402
-from admkit.samplers import (  # noqa: E402
-    SAMPLERS,
-    ddpm_sample,
-    get_sampler,
-    levels_for_steps,
-    randn,
-    select_timesteps,
-)
+from admkit.samplers import SAMPLERS, ddpm_sample, get_sampler, levels_for_steps, randn  # noqa: E402
+from admkit.step_selection import select_timesteps  # noqa: E402
 from admkit.unet import UNet  # noqa: E402
 from common import SMALL, device_name, emit, reference_attention, synchronize  # noqa: E402
 
@@ -46,12 +42,16 @@ def build(args) -> tuple[UNet, dict]:
     return UNet(script_util.model_config(flags)).eval(), flags
 
 
-def timed(fn, device: torch.device) -> tuple[float, object]:
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return time.perf_counter() - start, result
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``fn()`` over ``repeats`` runs, and the last result."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
 
 
 def main() -> None:
@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--preset", default=None)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -86,9 +87,9 @@ def main() -> None:
         model(x_T, torch.zeros(n, dtype=torch.long, device=device), y=y)
     with reference_attention():
         seconds, result = timed(
-            lambda: ddpm_sample(chain, model, x_T, model_kwargs={"y": y}), device
+            lambda: ddpm_sample(chain, model, x_T, model_kwargs={"y": y}), device, args.repeats
         )
-    reference_rate = n / seconds
+    reference_per_eval = seconds / result.num_model_evals
     emit(
         {
             **common,
@@ -96,40 +97,42 @@ def main() -> None:
             "impl": "reference",
             "dtype": "fp32",
             "evals": result.num_model_evals,
-            "images_per_s": round(reference_rate, 3),
-            "s_per_eval": round(seconds / result.num_model_evals, 4),
-            "speedup": 1.0,
+            "images_per_s": round(n / seconds, 3),
+            "s_per_eval": round(reference_per_eval, 4),
+            "speedup_per_eval": 1.0,
         }
     )
 
-    model_fn = network_fn(model, class_conditional=True, precision=args.precision, device=device)
-    runs = [(name, model_fn) for name in SAMPLERS]
-    runs.append(("dpm++2m+cfg", classifier_free_model(model_fn, 3.0, 1000)))
-    for name, fn in runs:
-        sampler = name.split("+cfg")[0]
-        chain = respace(base, select_timesteps(base, levels_for_steps(sampler, args.steps)))
-        options = {"noise_levels": base} if sampler == "heun" else {}
+    for precision in args.precisions.split(","):
+        model_fn = network_fn(model, class_conditional=True, precision=precision, device=device)
+        runs = [(name, model_fn) for name in SAMPLERS]
+        runs.append(("dpm++2m+cfg", classifier_free_model(model_fn, 3.0, 1000)))
+        for name, fn in runs:
+            sampler = name.split("+cfg")[0]
+            chain = respace(base, select_timesteps(base, levels_for_steps(sampler, args.steps)))
+            options = {"noise_levels": base} if sampler == "heun" else {}
 
-        def run(fn=fn, sampler=sampler, chain=chain, options=options):
-            generators = image_generators(0, range(n), 1, device)
-            x = randn((n, 3, size, size), generator=generators, device=device)
-            return get_sampler(sampler)(
-                chain, fn, x, model_kwargs={"y": y}, generator=generators, **options
+            def run(fn=fn, sampler=sampler, chain=chain, options=options):
+                generators = image_generators(0, range(n), 1, device)
+                x = randn((n, 3, size, size), generator=generators, device=device)
+                return get_sampler(sampler)(
+                    chain, fn, x, model_kwargs={"y": y}, generator=generators, **options
+                )
+
+            seconds, result = timed(run, device, args.repeats)
+            per_eval = seconds / result.num_model_evals
+            emit(
+                {
+                    **common,
+                    "sampler": name,
+                    "impl": "admkit",
+                    "dtype": precision,
+                    "evals": result.num_model_evals,
+                    "images_per_s": round(n / seconds, 3),
+                    "s_per_eval": round(per_eval, 4),
+                    "speedup_per_eval": round(reference_per_eval / per_eval, 3),
+                }
             )
-
-        seconds, result = timed(run, device)
-        emit(
-            {
-                **common,
-                "sampler": name,
-                "impl": "admkit",
-                "dtype": args.precision,
-                "evals": result.num_model_evals,
-                "images_per_s": round(n / seconds, 3),
-                "s_per_eval": round(seconds / result.num_model_evals, 4),
-                "speedup": round(n / seconds / reference_rate, 3),
-            }
-        )
 
 
 if __name__ == "__main__":

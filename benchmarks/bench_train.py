@@ -1,12 +1,18 @@
 """Training throughput and peak memory: admkit's loop in fp32 / bf16, compiled or not, against
-the original's per-step arithmetic (einsum attention, float32, no compilation) in the same run.
+the original's training step (einsum attention recomputed in backward, float32, per-parameter
+bookkeeping, no compilation) in the same run.
 
-Every configuration trains in its own process (so the CPU's peak RSS is that configuration's)
-through ``admkit.train.train`` with the diffusion loss of ``admkit train`` (L_hybrid, uniform t),
-EMA and AdamW, on random in-memory batches: data loading is left out. The first interval of
-``--interval`` steps is warm-up (and compilation); images/s is the median over the following
-intervals. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, the process's max RSS
-on the CPU. One JSON line per configuration.
+Every configuration trains in its own process (so the CPU's peak RSS is that configuration's) on
+random in-memory batches, data loading left out, with the diffusion loss of ``admkit train``
+(L_hybrid, uniform t). admkit's side is ``admkit.train.train`` itself (AdamW, EMA, logging).
+The reference re-states the original's ``TrainLoop.run_step`` in float32 on one process
+(reference §6.1, §6.2, §6.4): zero each parameter's gradient; the loss, logged per key and per
+quartile of t with ``.item()``/NumPy; backward; the gradient and parameter norms it logs every
+step, one ``.item()`` per parameter; ``AdamW.step`` as the original constructs it (torch's
+default implementation, a per-parameter loop on a CPU); the EMA update, one parameter at a time.
+The first interval of ``--interval`` steps is warm-up (and compilation); images/s is the median
+over the following intervals. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, the
+process's max RSS on the CPU. One JSON line per configuration.
 
     python benchmarks/bench_train.py                      # small 32px model, CPU or GPU
     python benchmarks/bench_train.py --image_size 64 --num_channels 128 --batch_size 32
@@ -15,7 +21,7 @@ on the CPU. One JSON line per configuration.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import collections
 import json
 import resource
 import statistics
@@ -33,7 +39,7 @@ from admkit.cli.training import DiffusionLoss  # noqa: E402
 from admkit.compat import script_util  # noqa: E402
 from admkit.timestep_sampling import UniformSampler  # noqa: E402
 from admkit.train import TrainConfig, train  # noqa: E402
-from common import device_name, emit, reference_attention  # noqa: E402
+from common import device_name, emit, reference_attention, synchronize  # noqa: E402
 
 
 def flags_for(args: argparse.Namespace) -> dict:
@@ -67,35 +73,78 @@ def random_batches(args: argparse.Namespace, device: torch.device):
     return batches
 
 
+def reference_rates(args, network, loss_fn, device: torch.device) -> list[float]:
+    """images/s per interval of the original's float32 training step (see the module text)."""
+    params = list(network.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    rate = 0.9999
+    ema = [p.detach().clone() for p in params]
+    x_0, y = next(random_batches(args, device)(0))
+    num_timesteps = loss_fn.diffusion.num_timesteps
+    logged: dict[str, list[float]] = collections.defaultdict(list)
+    rates = []
+    network.train()
+    with reference_attention():
+        for _ in range(args.intervals + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(args.interval):
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.detach_()
+                        p.grad.zero_()
+                terms = loss_fn(network, (x_0, y), None)
+                weight = terms["weight"]
+                loss = (terms["loss"] * weight).mean()
+                t = terms["t"].cpu().numpy()
+                for key in ("loss", "mse", "vb"):
+                    values = terms[key] * weight
+                    logged[key].append(values.mean().item())
+                    for sub_t, sub_loss in zip(t, values.detach().cpu().numpy()):
+                        logged[f"{key}_q{int(4 * sub_t / num_timesteps)}"].append(sub_loss)
+                loss.backward()
+                logged["grad_norm"].append(sum((p.grad**2).sum().item() for p in params) ** 0.5)
+                logged["param_norm"].append(sum((p**2).sum().item() for p in params) ** 0.5)
+                optimizer.step()
+                with torch.no_grad():
+                    for average, p in zip(ema, params):
+                        average.mul_(rate).add_(p, alpha=1 - rate)
+            synchronize(device)
+            rates.append(args.interval * args.batch_size / (time.perf_counter() - start))
+    return rates
+
+
 def measure(args: argparse.Namespace, impl: str, precision: str, compiled: bool) -> dict:
     """Train one configuration in this process; returns its JSON record."""
     device = torch.device(args.device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     flags = flags_for(args)
     torch.manual_seed(0)
-    network = build_network("diffusion", flags)
+    network = build_network("diffusion", flags).to(device)
     diffusion = build_diffusion(flags)
     loss_fn = DiffusionLoss(diffusion, UniformSampler(diffusion.num_timesteps), class_cond=True)
-    config = TrainConfig(
-        steps=args.interval * (args.intervals + 1),
-        batch_size=args.batch_size,
-        lr=1e-4,
-        ema_rates=(0.9999,),
-        precision=precision,
-        log_interval=args.interval,
-        save_interval=10**9,
-        compile=compiled,
-    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with tempfile.TemporaryDirectory() as run_dir:
-        start = time.perf_counter()
-        with reference_attention() if impl == "reference" else contextlib.nullcontext():
+    start = time.perf_counter()
+    if impl == "reference":
+        rates = reference_rates(args, network, loss_fn, device)
+    else:
+        config = TrainConfig(
+            steps=args.interval * (args.intervals + 1),
+            batch_size=args.batch_size,
+            lr=1e-4,
+            ema_rates=(0.9999,),
+            precision=precision,
+            log_interval=args.interval,
+            save_interval=10**9,
+            compile=compiled,
+        )
+        with tempfile.TemporaryDirectory() as run_dir:
             batches = random_batches(args, device)
             train(network, loss_fn, batches, config, run_dir, device=device, progress=False)
-        wall = time.perf_counter() - start
-        records = (Path(run_dir) / "log.jsonl").read_text().splitlines()
-        rates = [json.loads(line)["images_per_s"] for line in records[1:]]
+            records = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+        rates = [json.loads(line)["images_per_s"] for line in records]
+    wall = time.perf_counter() - start
     record = dict(
         bench="train",
         device=device_name(device),
@@ -105,7 +154,7 @@ def measure(args: argparse.Namespace, impl: str, precision: str, compiled: bool)
         impl=impl,
         dtype=precision,
         compile=compiled,
-        images_per_s=round(statistics.median(rates), 2),
+        images_per_s=round(statistics.median(rates[1:]), 2),
         wall_s=round(wall, 1),
     )
     if device.type == "cuda":

@@ -2,8 +2,10 @@
 
 The reference path re-states, in our own words, how the original computes a network step:
 attention through two einsums with q and k each scaled by c^(-1/4) and a float32 softmax, no
-fused kernel, no autocast, no compilation. Benchmarks time it in the same run as admkit's path,
-so every speed figure is a ratio measured on one machine at one time.
+fused kernel, and every attention block recomputed in the backward pass (the original
+checkpoints its attention blocks always, whatever ``use_checkpoint`` says: reference §3.12); no
+autocast, no compilation. Benchmarks time it in the same run as admkit's path, so every speed
+figure is a ratio measured on one machine at one time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import platform
 import time
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import admkit.nn
 
@@ -79,15 +82,25 @@ def einsum_qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> 
     return torch.einsum("bts,bcs->bct", weight, v).reshape(batch, -1, length)
 
 
+def _always_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+    # The original's AttentionBlock.forward: checkpoint(self._forward, (x,), params, True).
+    if torch.is_grad_enabled():
+        return checkpoint(self._forward, x, use_reentrant=False)
+    return self._forward(x)
+
+
 @contextlib.contextmanager
 def reference_attention():
-    """Run admkit's networks with the original's attention arithmetic inside this block."""
-    fused = admkit.nn.qkv_attention
+    """Run admkit's networks with the original's attention inside this block: its einsum
+    arithmetic, and each attention block recomputed in the backward pass as the original does."""
+    fused, forward = admkit.nn.qkv_attention, admkit.nn.AttentionBlock.forward
     admkit.nn.qkv_attention = einsum_qkv_attention
+    admkit.nn.AttentionBlock.forward = _always_checkpointed
     try:
         yield
     finally:
         admkit.nn.qkv_attention = fused
+        admkit.nn.AttentionBlock.forward = forward
 
 
 def autocast(device: torch.device, dtype: str):
