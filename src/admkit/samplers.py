@@ -17,10 +17,10 @@ of network evaluations, the cost measure that compares samplers.
 
 Each sampler walks the noise levels of ``diffusion``'s chain, so the steps are chosen by
 respacing: guided-diffusion's strings (``space_timesteps``), or ``admkit.step_selection``'s
-Karras or log-SNR spacing, each mapped to trained steps. ``levels_for_steps`` turns a budget of network evaluations into
-a number of levels: one evaluation per level for ``ddpm``, ``ddim``, ``dpm++2m`` and
-``dpm++2m-sde``; 2·levels - 1 for ``heun``. Classifier guidance (``cond_fn``) enters DDPM as
-the mean shift, DDIM as Alg. 2 and the fast solvers through the score
+Karras or log-SNR spacing, each mapped to trained steps. ``levels_for_steps`` turns a budget of
+network evaluations into a number of levels: one evaluation per level for ``ddpm``, ``ddim``,
+``dpm++2m`` and ``dpm++2m-sde``; 2·levels - 1 for ``heun``. Classifier guidance (``cond_fn``)
+enters DDPM as the mean shift, DDIM as Alg. 2 and the fast solvers through the score
 (``guidance.classifier_score_model``).
 
 The fast solvers' notation, on top of ``admkit.diffusion``'s:

@@ -76,11 +76,18 @@ STEP_SPACINGS = ("uniform", "karras", "logsnr")
 
 
 def default_step_spacing(sampler: str) -> str:
-    """The spacing of ``--steps`` levels when none is asked for: guided-diffusion's even spacing,
-    except for Heun. Its trapezoidal correction is unstable across the first, enormous step that
-    even spacing takes from the top of a cosine chain (σ ≈ 10⁴ at t = 999 down to σ ≈ 10²), which
-    ruins the samples; Karras spacing, as EDM uses with this sampler, makes that step small."""
-    return "karras" if sampler == "heun" else "uniform"
+    """The spacing of ``--steps`` levels when none is asked for.
+
+    guided-diffusion's even spacing for DDPM and DDIM. Karras spacing for Heun: its trapezoidal
+    correction is unstable across the first, enormous step that even spacing takes from the top
+    of a cosine chain (σ ≈ 10⁴ at t = 999 down to σ ≈ 10²), which ruins the samples. logSNR
+    spacing for the DPM-Solver++ family, whose steps are uniform in λ then (r = 1): on Gaussian
+    data at 20 evaluations, even spacing misses the spread by 24 %, logSNR by 2 %."""
+    if sampler == "heun":
+        return "karras"
+    if sampler.startswith("dpm++"):
+        return "logsnr"
+    return "uniform"
 
 
 def select_timesteps(diffusion: Diffusion, num_steps: int, spacing: str = "uniform") -> list[int]:

@@ -55,7 +55,8 @@ respace the model to K steps, heun to (K + 1) // 2 noise levels (2 evaluations p
 the last).
 Without --steps the chain is --timestep_respacing, else the preset's, else the model's own.
 --step_spacing picks K levels evenly in steps (uniform, as guided-diffusion), as EDM (karras,
-rho 7) or evenly in log-SNR (logsnr)."""
+rho 7) or evenly in log-SNR (logsnr); by default uniform, karras for heun, logsnr for dpm++2m
+and dpm++2m-sde."""
 
 
 def sampler_list() -> str:
@@ -81,7 +82,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         *spellings("step_spacing"),
         default=None,
         help=f"how --steps picks noise levels: {', '.join(STEP_SPACINGS)} "
-        "(default uniform; karras for heun)",
+        "(default uniform; karras for heun, logsnr for dpm++2m and dpm++2m-sde)",
     )
     add("--eta", type=float, default=None, help="DDIM's η (ddim only; default 0)")
     add(*spellings("s_churn"), type=float, default=None, help="EDM's S_churn (heun only)")
