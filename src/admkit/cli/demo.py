@@ -7,8 +7,9 @@ Stages (each reused when a rerun finds it finished):
 2. train a noise-aware classifier on noised digits (ADM §4.3);
 3. train an independent judge on clean digits (``admkit.judge``);
 4. sample 10 digits × ``--per_digit`` per setting: no guidance, classifier guidance at a few
-   scales (ADM Alg. 1), and two fast settings with guidance: ancestral sampling respaced to 25
-   steps, and DPM-Solver++ 2M at 20 steps (guided through the score, as ADM Alg. 2);
+   scales (ADM Alg. 1), and three fast settings with guidance: ancestral sampling respaced to 25
+   steps, and DPM-Solver++ 2M, deterministic and SDE, at 20 logSNR steps (guided through the
+   score, as ADM Alg. 2);
 5. judge every setting against the held-out digits: judged accuracy (share classified as the
    requested digit), Fréchet distance and precision/recall in the judge's features;
 6. write ``grid.png`` (a labelled row per setting, column k asks for digit k), ``loss.png``,
@@ -88,6 +89,7 @@ SETTINGS = (
     Setting("ddpm100_s10", "DDPM 100, classifier s=10", "ddpm", 100, 10.0),
     Setting("ddpm25_s3", "DDPM 25, classifier s=3", "ddpm", 25, 3.0),
     Setting("dpm20_s3", "DPM-Solver++ 2M 20, classifier s=3", "dpm++2m", 20, 3.0),
+    Setting("dpmsde20_s3", "DPM-Solver++ 2M SDE 20, classifier s=3", "dpm++2m-sde", 20, 3.0),
 )
 
 
