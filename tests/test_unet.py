@@ -241,3 +241,22 @@ def test_config_is_frozen_and_normalised():
         EncoderUNetConfig(**TINY, pool="max")
     with pytest.raises(UserError, match="num_head_channels"):
         UNetConfig(**{**TINY, "num_head_channels": 24})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_groupnorm_of_half_inputs_equals_the_float32_computation(dtype):
+    # The original upcasts to float32, normalises, and casts back; admkit's CPU path hands the
+    # half tensor to the kernel directly and must give the same numbers up to the last rounding
+    # (a few elements in 16,384 differ by one unit in the last place).
+    from admkit.nn import normalization
+
+    norm = normalization(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (3 * torch.randn(4, 64, 8, 8, generator=torch.Generator().manual_seed(0)) + 5).to(dtype)
+    out = norm(x)
+    expected = torch.nn.functional.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected.to(dtype))  # the dtype's default: about 1 ulp
+    assert (out != expected.to(dtype)).float().mean() < 1e-3
