@@ -173,7 +173,7 @@ def main() -> None:
         "--step_spacing",
         "--step-spacing",
         default=None,
-        help=f"{', '.join(STEP_SPACINGS)} (default: uniform, karras for heun)",
+        help=f"{', '.join(STEP_SPACINGS)} (default: uniform; karras for heun, logsnr for dpm++)",
     )
     add("--scales", default="0,1,3,10", help="classifier scales of the guidance rows")
     add("--guided_sampler", "--guided-sampler", default="ddpm")
