@@ -406,7 +406,7 @@ else
     stage bench_unet_256 150 "$PY" benchmarks/bench_unet.py --preset imagenet256 \
         --batch_size 8 --device cuda
     stage bench_sample 150 "$PY" benchmarks/bench_sample.py --preset imagenet64 \
-        --batch_size 16 --steps 25 --precision bf16 --device cuda
+        --batch_size 16 --steps 25 --precisions fp32,bf16 --device cuda
 fi
 
 # --------------------------------------------------------------------------------------------
