@@ -181,6 +181,22 @@ def test_released_checkpoint_with_every_sampler(files, tmp_path, capsys, sampler
     assert grid.stat().st_size > 0
 
 
+def test_dpm_solver_eta_one_is_the_sde_sampler(files, tmp_path, capsys):
+    common = ["sample", "--model", files["released"], *RELEASED_OPTIONS, "--num_samples", 3]
+    common += ["--steps", 4, "--seed", 5]
+    runs = {
+        "sde": ["--sampler", "dpm++2m-sde"],
+        "eta1": ["--sampler", "dpm++2m", "--eta", 1],
+        "ode": ["--sampler", "dpm++2m"],
+    }
+    for name, extra in runs.items():
+        code, _, err = admkit(capsys, *common, *extra, "--out", tmp_path / f"{name}.npz")
+        assert code == 0, err
+    images = {name: load(tmp_path / f"{name}.npz")["arr_0"] for name in runs}
+    np.testing.assert_array_equal(images["eta1"], images["sde"])
+    assert (images["ode"] != images["sde"]).any()
+
+
 def test_run_directory_with_cfg_labels_weights_and_precision(files, tmp_path, capsys):
     common = [
         "sample",
@@ -446,7 +462,10 @@ def test_bad_input_gives_one_line_errors(files, tmp_path, capsys):
     assert "needs a classifier" in _error(capsys, *released, *out, "--classifier_scale", 2)
     assert "out of range" in _error(capsys, *released, *out, "--class_label", K)
     assert "label dropout" in _error(capsys, *released, *out, "--cfg_scale", 2)
-    assert "--eta is DDIM's" in _error(capsys, *released, *out, "--sampler", "heun", "--eta", 1)
+    assert "--eta applies to ddim and dpm++2m" in _error(
+        capsys, *released, *out, "--sampler", "heun", "--eta", 1
+    )
+    assert "0 or more" in _error(capsys, *released, *out, "--sampler", "ddim", "--eta", -1)
     assert "not both" in _error(capsys, *released, *out, "--timestep_respacing", "4")
     assert "does not exist" in _error(capsys, "sample", "--model", tmp_path / "nope.pt", *out)
     garbled = tmp_path / "garbled.pt"

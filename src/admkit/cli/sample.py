@@ -49,6 +49,7 @@ from admkit.samplers import SAMPLER_HELP, SAMPLERS, get_sampler, levels_for_step
 from admkit.step_selection import STEP_SPACINGS, default_step_spacing, select_timesteps
 
 BASE_STREAM, UPSAMPLER_STREAM = 1, 2  # generator streams of the two stages of a cascade
+ETA_SAMPLERS = ("ddim", "dpm++2m")  # the samplers that take --eta
 STEPS_HELP = """\
 --steps K is a budget of network evaluations per image: ddpm, ddim, dpm++2m and dpm++2m-sde
 respace the model to K steps, heun to (K + 1) // 2 noise levels (2 evaluations per level, 1 for
@@ -84,7 +85,13 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help=f"how --steps picks noise levels: {', '.join(STEP_SPACINGS)} "
         "(default uniform; karras for heun, logsnr for dpm++2m and dpm++2m-sde)",
     )
-    add("--eta", type=float, default=None, help="DDIM's η (ddim only; default 0)")
+    add(
+        "--eta",
+        type=float,
+        default=None,
+        help="η of ddim (default 0) or dpm++2m (default 0, the ODE; η > 0 solves the SDE, and "
+        "dpm++2m-sde is η = 1)",
+    )
     add(*spellings("s_churn"), type=float, default=None, help="EDM's S_churn (heun only)")
     add(*spellings("clip_denoised"), type=str2bool, default=True, help="clip x̂_0 (default True)")
     add(
@@ -153,8 +160,13 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
 def check_sampling_options(args: argparse.Namespace, sampler: str) -> None:
     """Cheap checks, before any model is loaded."""
     get_sampler(sampler)
-    if args.eta is not None and sampler != "ddim":
-        raise UserError(f"--eta is DDIM's; drop it or use --sampler ddim (not {sampler})")
+    if args.eta is not None and sampler not in ETA_SAMPLERS:
+        raise UserError(
+            f"--eta applies to {' and '.join(ETA_SAMPLERS)}, not {sampler}; drop it or change "
+            "--sampler"
+        )
+    if args.eta is not None and args.eta < 0:
+        raise UserError(f"--eta must be 0 or more, got {args.eta}")
     if args.s_churn is not None and sampler != "heun":
         raise UserError(f"--s_churn is Heun's; drop it or use --sampler heun (not {sampler})")
     if args.s_churn is not None and args.s_churn < 0:
@@ -250,7 +262,7 @@ def build_stage(
         if interval:
             cond_fn = guidance_interval(cond_fn, zero_cond_fn, base, *interval)
     options: dict = {}
-    if sampler == "ddim":
+    if sampler in ETA_SAMPLERS:
         options["eta"] = args.eta or 0.0
     if sampler == "heun":
         options.update(s_churn=args.s_churn or 0.0, noise_levels=base)
