@@ -6,7 +6,8 @@ reference point: the plain ancestral loop over the same number of steps with the
 einsum attention (``common.reference_attention``), float32, global-generator noise and no
 autocast. Every figure is the median of ``--repeats`` runs. Samplers at equal ``--steps`` do
 equal network work (heun: 2·levels - 1 evaluations), so their figures differ by the solver's own
-overhead and per-image noise; CFG doubles each evaluation's batch.
+overhead and per-image noise; CFG doubles each evaluation's batch. ``--compile`` adds a row of
+ddpm with the network compiled as ``admkit sample --compile`` does (compilation not timed).
 
     python benchmarks/bench_sample.py
     python benchmarks/bench_sample.py --preset imagenet64 --batch_size 16 --steps 25 --device cuda
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from admkit.compat import script_util  # noqa: E402
 from admkit.diffusion import Diffusion, DiffusionConfig, respace  # noqa: E402
-from admkit.generate import image_generators, network_fn  # noqa: E402
+from admkit.generate import compiled_for_sampling, image_generators, network_fn  # noqa: E402
 from admkit.guidance import classifier_free_model  # noqa: E402
 from admkit.presets import get_preset  # noqa: E402
 from admkit.samplers import SAMPLERS, ddpm_sample, get_sampler, levels_for_steps, randn  # noqa: E402
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time ddpm with the network compiled"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -107,8 +111,12 @@ def main() -> None:
         model_fn = network_fn(model, class_conditional=True, precision=precision, device=device)
         runs = [(name, model_fn) for name in SAMPLERS]
         runs.append(("dpm++2m+cfg", classifier_free_model(model_fn, 3.0, 1000)))
+        if args.compile:
+            network = compiled_for_sampling(model)
+            fn = network_fn(network, class_conditional=True, precision=precision, device=device)
+            runs.append(("ddpm+compile", fn))
         for name, fn in runs:
-            sampler = name.split("+cfg")[0]
+            sampler = name.removesuffix("+cfg").removesuffix("+compile")
             chain = respace(base, select_timesteps(base, levels_for_steps(sampler, args.steps)))
             options = {"noise_levels": base} if sampler == "heun" else {}
 
@@ -119,6 +127,8 @@ def main() -> None:
                     chain, fn, x, model_kwargs={"y": y}, generator=generators, **options
                 )
 
+            if name.endswith("+compile"):
+                run()  # compilation, not timed
             seconds, result = timed(run, device, args.repeats)
             per_eval = seconds / result.num_model_evals
             emit(

@@ -3,6 +3,7 @@
 free guidance, a cascade, a preset, and the one-line errors for bad input."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -195,6 +196,36 @@ def test_dpm_solver_eta_one_is_the_sde_sampler(files, tmp_path, capsys):
     images = {name: load(tmp_path / f"{name}.npz")["arr_0"] for name in runs}
     np.testing.assert_array_equal(images["eta1"], images["sde"])
     assert (images["ode"] != images["sde"]).any()
+
+
+def test_compile_gives_the_eager_images_and_falls_back_where_it_fails(
+    files, tmp_path, capsys, monkeypatch
+):
+    common = ["sample", "--model", files["released"], *RELEASED_OPTIONS, "--num_samples", 3]
+    common += ["--steps", 3, "--seed", 2, "--sampler", "ddim", "--batch_size", 3]
+    code, _, err = admkit(capsys, *common, "--out", tmp_path / "eager.npz")
+    assert code == 0, err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = admkit(capsys, *common, "--compile", "--out", tmp_path / "compiled.npz")
+    assert code == 0, err
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]  # it did compile
+    eager = load(tmp_path / "eager.npz")["arr_0"].astype(int)
+    compiled = load(tmp_path / "compiled.npz")["arr_0"].astype(int)
+    # Equal to rounding: a value near a quantisation boundary may land one level off.
+    assert np.abs(compiled - eager).max() <= 1 and (compiled == eager).mean() > 0.99
+
+    def broken(*args, **kwargs):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no working C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="torch.compile failed .no working C.. compiler"):
+        code, _, err = admkit(capsys, *common, "--compile", "--out", tmp_path / "fallback.npz")
+    assert code == 0, err
+    np.testing.assert_array_equal(load(tmp_path / "fallback.npz")["arr_0"], eager)
 
 
 def test_run_directory_with_cfg_labels_weights_and_precision(files, tmp_path, capsys):
