@@ -4,10 +4,12 @@ Prints one JSON line per sampler and precision: images/s for a whole run of ``--
 evaluations, seconds per network evaluation, and the speed per evaluation relative to the
 reference point: the plain ancestral loop over the same number of steps with the original's
 einsum attention (``common.reference_attention``), float32, global-generator noise and no
-autocast. Every figure is the median of ``--repeats`` runs. Samplers at equal ``--steps`` do
-equal network work (heun: 2·levels - 1 evaluations), so their figures differ by the solver's own
-overhead and per-image noise; CFG doubles each evaluation's batch. ``--compile`` adds a row of
-ddpm with the network compiled as ``admkit sample --compile`` does (compilation not timed).
+autocast. Every figure is the median of ``--repeats`` runs; each run of a sampler is paired
+with a reference run just before it, and the speed-up is the median of the paired ratios.
+Samplers at equal ``--steps`` do equal network work (heun: 2·levels - 1 evaluations), so their
+figures differ by the solver's own overhead and per-image noise; CFG doubles each evaluation's
+batch. ``--compile`` adds a row of ddpm with the network compiled as ``admkit sample --compile``
+does (compilation not timed).
 
     python benchmarks/bench_sample.py
     python benchmarks/bench_sample.py --preset imagenet64 --batch_size 16 --steps 25 --device cuda
@@ -89,10 +91,12 @@ def main() -> None:
     chain = respace(base, select_timesteps(base, args.steps))
     with torch.no_grad():
         model(x_T, torch.zeros(n, dtype=torch.long, device=device), y=y)
-    with reference_attention():
-        seconds, result = timed(
-            lambda: ddpm_sample(chain, model, x_T, model_kwargs={"y": y}), device, args.repeats
-        )
+
+    def reference():
+        with reference_attention():
+            return ddpm_sample(chain, model, x_T, model_kwargs={"y": y})
+
+    seconds, result = timed(reference, device, args.repeats)
     reference_per_eval = seconds / result.num_model_evals
     emit(
         {
@@ -129,7 +133,17 @@ def main() -> None:
 
             if name.endswith("+compile"):
                 run()  # compilation, not timed
-            seconds, result = timed(run, device, args.repeats)
+            # Paired with a reference run each time, so the ratio survives the machine's drift.
+            seconds_list, ratios = [], []
+            for _ in range(args.repeats):
+                reference_seconds, reference_result = timed(reference, device, 1)
+                seconds, result = timed(run, device, 1)
+                seconds_list.append(seconds)
+                ratios.append(
+                    (reference_seconds / reference_result.num_model_evals)
+                    / (seconds / result.num_model_evals)
+                )
+            seconds = statistics.median(seconds_list)
             per_eval = seconds / result.num_model_evals
             emit(
                 {
@@ -140,7 +154,7 @@ def main() -> None:
                     "evals": result.num_model_evals,
                     "images_per_s": round(n / seconds, 3),
                     "s_per_eval": round(per_eval, 4),
-                    "speedup_per_eval": round(reference_per_eval / per_eval, 3),
+                    "speedup_per_eval": round(statistics.median(ratios), 3),
                 }
             )
 
