@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from admkit.allocator import keep_freed_memory
 from admkit.errors import UserError
 
 # command name -> (module under admkit.cli, one-line help)
@@ -71,4 +72,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
+    keep_freed_memory()  # a CPU forward pass stops page-faulting its activations
     sys.exit(main())
