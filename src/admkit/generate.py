@@ -144,29 +144,28 @@ def dequantize(images: Tensor | np.ndarray) -> Tensor:
 
 def compiled_for_sampling(network: torch.nn.Module) -> Callable[..., Tensor]:
     """``network`` compiled by ``torch.compile`` for sampling, with inductor's freezing: the
-    weights become constants that it may fold and pre-pack (1.5× per evaluation in float32 on a
-    2-core CPU in ``benchmarks/bench_sample.py --compile``). The network must only be read while
-    sampling (no gradients, no weight updates). Results equal eager ones to rounding.
+    weights become constants that it may fold and pre-pack (measured in
+    ``benchmarks/README.md``). The network must only be read while sampling (no gradients, no
+    weight updates). Results equal eager ones to rounding.
 
     Compilation happens at the first call of each batch shape and fails there when a platform
     lacks a working compiler: that call, and every later one, then runs eagerly after a warning.
     """
-    state: dict[str, Callable[..., Tensor]] = {}
     try:
-        state["run"] = torch.compile(network, options={"freezing": True})
+        compiled = torch.compile(network, options={"freezing": True})
     except Exception as error:  # a platform where torch.compile cannot even wrap the module
         _compile_failed(error)
         return network
 
     def run(*args: Tensor, **kwargs: Tensor) -> Tensor:
-        if state["run"] is network:
-            return network(*args, **kwargs)
-        try:
-            return state["run"](*args, **kwargs)
-        except Exception as error:
-            _compile_failed(error)
-            state["run"] = network
-            return network(*args, **kwargs)
+        nonlocal compiled
+        if compiled is not network:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as error:
+                _compile_failed(error)
+                compiled = network
+        return network(*args, **kwargs)
 
     return run
 
