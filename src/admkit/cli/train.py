@@ -13,7 +13,6 @@ import torch
 from admkit.cli import training
 from admkit.cli.models import build_diffusion, build_network
 from admkit.cli.options import add_model_options, preset_flags, resolve_flags
-from admkit.timestep_sampling import schedule_sampler
 
 DESCRIPTION = (
     "Train a diffusion model (the ADM UNet) on an image folder, an .npz or the built-in digits. "
@@ -48,13 +47,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the same initial weights for the same command
     network = build_network("diffusion", flags)
     diffusion = build_diffusion(flags)
-    loss_fn = training.DiffusionLoss(
-        diffusion,
-        schedule_sampler(args.schedule_sampler, diffusion.num_timesteps),
-        class_cond=flags["class_cond"],
-        cfg_dropout=args.cfg_dropout,
-        null_label=null_label,
-    )
+    loss_fn, objective = training.diffusion_objective(args, flags, diffusion, null_label)
     config_json = training.run_config(
         "diffusion",
         flags,
@@ -62,6 +55,6 @@ def run(args: argparse.Namespace) -> int:
         args.data,
         num_classes=num_classes,
         cfg_null_label=null_label,
-        objective={"schedule_sampler": args.schedule_sampler, "cfg_dropout": args.cfg_dropout},
+        objective=objective,
     )
     return training.fit(args, "train", network, loss_fn, dataset, config, config_json)

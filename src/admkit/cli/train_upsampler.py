@@ -17,7 +17,6 @@ from admkit.cli import training
 from admkit.cli.models import build_diffusion, build_network
 from admkit.cli.options import add_model_options, preset_flags, resolve_flags, spellings
 from admkit.errors import UserError
-from admkit.timestep_sampling import schedule_sampler
 
 DESCRIPTION = (
     "Train a super-resolution diffusion model: images at --large_size conditioned on their "
@@ -78,22 +77,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     network = build_network("upsampler", flags)
     diffusion = build_diffusion(flags)
-    loss_fn = training.DiffusionLoss(
-        diffusion,
-        schedule_sampler(args.schedule_sampler, diffusion.num_timesteps),
-        class_cond=flags["class_cond"],
-        cfg_dropout=args.cfg_dropout,
-        null_label=null_label,
-        small_size=small_size,
-        lowres_noise=args.lowres_noise,
-        lowres_blur=args.lowres_blur,
+    loss_fn, objective = training.diffusion_objective(
+        args, flags, diffusion, null_label, small_size=small_size
     )
-    objective = {
-        "schedule_sampler": args.schedule_sampler,
-        "cfg_dropout": args.cfg_dropout,
-        "lowres_noise": args.lowres_noise,
-        "lowres_blur": args.lowres_blur,
-    }
     config_json = training.run_config(
         "upsampler",
         flags,

@@ -46,7 +46,12 @@ from admkit.data import (
 )
 from admkit.diffusion import Diffusion
 from admkit.errors import UserError
-from admkit.timestep_sampling import SCHEDULE_SAMPLERS, LossAwareSampler, ScheduleSampler
+from admkit.timestep_sampling import (
+    SCHEDULE_SAMPLERS,
+    LossAwareSampler,
+    ScheduleSampler,
+    schedule_sampler,
+)
 from admkit.train import TrainConfig, train
 
 # Per-kind defaults: guided-diffusion's learning rates and EMA (its classifiers keep none).
@@ -367,6 +372,32 @@ class DiffusionLoss:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.sampler.load_state_dict(state)
+
+
+def diffusion_objective(
+    args: argparse.Namespace,
+    flags: Mapping[str, Any],
+    diffusion: Diffusion,
+    null_label: int | None,
+    *,
+    small_size: int | None = None,
+) -> tuple[DiffusionLoss, dict[str, Any]]:
+    """The loss of ``admkit train`` from the objective options, and its record for config.json;
+    with ``small_size``, an upsampler's (``train-upsampler``, with its ``--lowres_*`` options)."""
+    objective = {"schedule_sampler": args.schedule_sampler, "cfg_dropout": args.cfg_dropout}
+    if small_size is not None:
+        objective |= {"lowres_noise": args.lowres_noise, "lowres_blur": args.lowres_blur}
+    loss_fn = DiffusionLoss(
+        diffusion,
+        schedule_sampler(args.schedule_sampler, diffusion.num_timesteps),
+        class_cond=flags["class_cond"],
+        cfg_dropout=args.cfg_dropout,
+        null_label=null_label,
+        small_size=small_size,
+        lowres_noise=objective.get("lowres_noise", 0.0),
+        lowres_blur=objective.get("lowres_blur", 0.0),
+    )
+    return loss_fn, objective
 
 
 def topk_hits(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
