@@ -34,7 +34,7 @@ from admkit.presets import get_preset  # noqa: E402
 from admkit.samplers import SAMPLERS, ddpm_sample, get_sampler, levels_for_steps, randn  # noqa: E402
 from admkit.step_selection import select_timesteps  # noqa: E402
 from admkit.unet import UNet  # noqa: E402
-from common import SMALL, device_name, emit, reference_attention, synchronize  # noqa: E402
+from common import SMALL, device_name, emit, paired, reference_attention, synchronize  # noqa: E402
 
 
 def build(args) -> tuple[UNet, dict]:
@@ -97,7 +97,8 @@ def main() -> None:
             return ddpm_sample(chain, model, x_T, model_kwargs={"y": y})
 
     seconds, result = timed(reference, device, args.repeats)
-    reference_per_eval = seconds / result.num_model_evals
+    reference_evals = result.num_model_evals
+    reference_per_eval = seconds / reference_evals
     emit(
         {
             **common,
@@ -131,20 +132,11 @@ def main() -> None:
                     chain, fn, x, model_kwargs={"y": y}, generator=generators, **options
                 )
 
-            if name.endswith("+compile"):
-                run()  # compilation, not timed
-            # Paired with a reference run each time, so the ratio survives the machine's drift.
-            seconds_list, ratios = [], []
-            for _ in range(args.repeats):
-                reference_seconds, reference_result = timed(reference, device, 1)
-                seconds, result = timed(run, device, 1)
-                seconds_list.append(seconds)
-                ratios.append(
-                    (reference_seconds / reference_result.num_model_evals)
-                    / (seconds / result.num_model_evals)
-                )
-            seconds = statistics.median(seconds_list)
+            result = run()  # warm-up (and compilation), not timed
+            seconds, ratio = paired(run, reference, device, args.repeats, warmup=0)
             per_eval = seconds / result.num_model_evals
+            # Per evaluation: the reference takes reference_evals, this sampler result's count.
+            speedup = ratio * result.num_model_evals / reference_evals
             emit(
                 {
                     **common,
@@ -154,7 +146,7 @@ def main() -> None:
                     "evals": result.num_model_evals,
                     "images_per_s": round(n / seconds, 3),
                     "s_per_eval": round(per_eval, 4),
-                    "speedup_per_eval": round(statistics.median(ratios), 3),
+                    "speedup_per_eval": round(speedup, 3),
                 }
             )
 

@@ -39,23 +39,16 @@ from admkit.cli.training import DiffusionLoss  # noqa: E402
 from admkit.compat import script_util  # noqa: E402
 from admkit.timestep_sampling import UniformSampler  # noqa: E402
 from admkit.train import TrainConfig, train  # noqa: E402
-from common import device_name, emit, reference_attention, synchronize  # noqa: E402
+from common import SMALL, device_name, emit, reference_attention, synchronize  # noqa: E402
 
 
 def flags_for(args: argparse.Namespace) -> dict:
-    flags = script_util.model_and_diffusion_defaults()
+    flags = {**script_util.model_and_diffusion_defaults(), **SMALL}
     flags.update(
         image_size=args.image_size,
         num_channels=args.num_channels,
-        num_res_blocks=2,
         channel_mult=args.channel_mult,
-        attention_resolutions="16,8",
-        num_head_channels=32,
-        class_cond=True,
         num_classes=10,
-        learn_sigma=True,
-        resblock_updown=True,
-        use_scale_shift_norm=True,
     )
     return flags
 

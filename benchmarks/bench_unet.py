@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from admkit.compat import script_util  # noqa: E402
 from admkit.generate import compiled_for_sampling  # noqa: E402
 from admkit.presets import get_preset  # noqa: E402
 from admkit.unet import UNet  # noqa: E402
-from common import SMALL, autocast, device_name, emit, reference_attention, time_call  # noqa: E402
+from common import SMALL, autocast, device_name, emit, paired, reference_attention  # noqa: E402
 
 
 def build(args) -> tuple[torch.nn.Module, dict]:
@@ -34,21 +33,6 @@ def build(args) -> tuple[torch.nn.Module, dict]:
     flags.update(get_preset(args.preset).flags if args.preset else SMALL)
     flags["use_fp16"] = False
     return UNet(script_util.model_config(flags)), flags
-
-
-def paired(fn, reference, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn`` and median ratio reference/fn, each ``fn`` call timed right after
-    a reference call, so that the ratio survives a shared machine's drift."""
-    for _ in range(2):  # warm-up: allocator, kernels, compilation
-        reference()
-        fn()
-    seconds, ratios = [], []
-    for _ in range(repeats):
-        reference_seconds = time_call(reference, device, 1, warmup=0)
-        own = time_call(fn, device, 1, warmup=0)
-        seconds.append(own)
-        ratios.append(reference_seconds / own)
-    return statistics.median(seconds), statistics.median(ratios)
 
 
 def main() -> None:

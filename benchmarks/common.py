@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import platform
+import statistics
 import time
 
 import torch
@@ -65,6 +66,21 @@ def time_call(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2]
+
+
+def paired(fn, reference, device: torch.device, repeats: int, warmup: int = 2):
+    """(median seconds of ``fn``, median ratio reference/``fn``), each ``fn`` call timed right
+    after a ``reference`` call, so that the ratio survives a shared machine's drift."""
+    for _ in range(warmup):  # allocator, kernels, compilation
+        reference()
+        fn()
+    seconds, ratios = [], []
+    for _ in range(repeats):
+        reference_seconds = time_call(reference, device, 1, warmup=0)
+        own = time_call(fn, device, 1, warmup=0)
+        seconds.append(own)
+        ratios.append(reference_seconds / own)
+    return statistics.median(seconds), statistics.median(ratios)
 
 
 def einsum_qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.Tensor:
