@@ -14,6 +14,12 @@ The first interval of ``--interval`` steps is warm-up (and compilation); images/
 over the following intervals. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, the
 process's max RSS on the CPU. One JSON line per configuration.
 
+Then (``--pairs on``, the default) each admkit configuration again, paired: admkit's loop and
+the reference train side by side in one process (two copies of the network), a reference
+interval right after each admkit interval; its line ("impl": "admkit, paired") gives the median
+of the per-interval ratios, which a shared machine's drift between processes leaves intact
+(its memory figures would mix both, so it has none).
+
     python benchmarks/bench_train.py                      # small 32px model, CPU or GPU
     python benchmarks/bench_train.py --image_size 64 --num_channels 128 --batch_size 32
 """
@@ -34,6 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from admkit.allocator import keep_freed_memory  # noqa: E402
 from admkit.cli.models import build_diffusion, build_network  # noqa: E402
 from admkit.cli.training import DiffusionLoss  # noqa: E402
 from admkit.compat import script_util  # noqa: E402
@@ -66,8 +73,9 @@ def random_batches(args: argparse.Namespace, device: torch.device):
     return batches
 
 
-def reference_rates(args, network, loss_fn, device: torch.device) -> list[float]:
-    """images/s per interval of the original's float32 training step (see the module text)."""
+def reference_trainer(args, network, loss_fn, device: torch.device):
+    """The original's float32 training step (see the module text), as a function that trains
+    one interval of ``args.interval`` steps and returns its images/s."""
     params = list(network.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     rate = 0.9999
@@ -75,12 +83,12 @@ def reference_rates(args, network, loss_fn, device: torch.device) -> list[float]
     x_0, y = next(random_batches(args, device)(0))
     num_timesteps = loss_fn.diffusion.num_timesteps
     logged: dict[str, list[float]] = collections.defaultdict(list)
-    rates = []
-    network.train()
-    with reference_attention():
-        for _ in range(args.intervals + 1):
-            synchronize(device)
-            start = time.perf_counter()
+
+    def interval() -> float:
+        network.train()
+        synchronize(device)
+        start = time.perf_counter()
+        with reference_attention():
             for _ in range(args.interval):
                 for p in params:
                     if p.grad is not None:
@@ -102,41 +110,91 @@ def reference_rates(args, network, loss_fn, device: torch.device) -> list[float]
                 with torch.no_grad():
                     for average, p in zip(ema, params):
                         average.mul_(rate).add_(p, alpha=1 - rate)
-            synchronize(device)
-            rates.append(args.interval * args.batch_size / (time.perf_counter() - start))
-    return rates
+        synchronize(device)
+        return args.interval * args.batch_size / (time.perf_counter() - start)
+
+    return interval
 
 
-def measure(args: argparse.Namespace, impl: str, precision: str, compiled: bool) -> dict:
-    """Train one configuration in this process; returns its JSON record."""
-    device = torch.device(args.device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def admkit_rates(args, network, loss_fn, device, precision, compiled, on_log=None) -> list[float]:
+    """images/s per interval of ``admkit.train.train`` (its own log records)."""
+    config = TrainConfig(
+        steps=args.interval * (args.intervals + 1),
+        batch_size=args.batch_size,
+        lr=1e-4,
+        ema_rates=(0.9999,),
+        precision=precision,
+        log_interval=args.interval,
+        save_interval=10**9,
+        compile=compiled,
+    )
+    with tempfile.TemporaryDirectory() as run_dir:
+        batches = random_batches(args, device)
+        train(
+            network, loss_fn, batches, config, run_dir, device=device, progress=False, on_log=on_log
+        )
+        records = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    return [json.loads(line)["images_per_s"] for line in records]
+
+
+def build(args, device: torch.device) -> tuple[torch.nn.Module, DiffusionLoss]:
     flags = flags_for(args)
     torch.manual_seed(0)
     network = build_network("diffusion", flags).to(device)
     diffusion = build_diffusion(flags)
-    loss_fn = DiffusionLoss(diffusion, UniformSampler(diffusion.num_timesteps), class_cond=True)
+    return network, DiffusionLoss(
+        diffusion, UniformSampler(diffusion.num_timesteps), class_cond=True
+    )
+
+
+def measure_paired(args, precision: str, compiled: bool) -> dict:
+    """admkit's loop and the reference in one process, each admkit interval followed by a
+    reference interval (from ``train``'s log hook), so that both see the same machine state;
+    the speed-up is the median of the per-interval ratios after the warm-up interval."""
+    device = torch.device(args.device)
+    network, loss_fn = build(args, device)
+    reference_network, reference_loss = build(args, device)
+    reference_interval = reference_trainer(args, reference_network, reference_loss, device)
+    reference = []
+    own = admkit_rates(
+        args,
+        network,
+        loss_fn,
+        device,
+        precision,
+        compiled,
+        on_log=lambda step: reference.append(reference_interval()),
+    )
+    ratios = [a / r for a, r in zip(own[1:], reference[1:])]
+    return dict(
+        bench="train",
+        device=device_name(device),
+        config=f"{args.image_size}px-{args.num_channels}ch",
+        batch_size=args.batch_size,
+        impl="admkit, paired",
+        dtype=precision,
+        compile=compiled,
+        images_per_s=round(statistics.median(own[1:]), 2),
+        reference_images_per_s=round(statistics.median(reference[1:]), 2),
+        speedup=round(statistics.median(ratios), 3),
+    )
+
+
+def measure(args: argparse.Namespace, impl: str, precision: str, compiled: bool) -> dict:
+    """Train one configuration in this process; returns its JSON record."""
+    if impl == "paired":
+        return measure_paired(args, precision, compiled)
+    device = torch.device(args.device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    network, loss_fn = build(args, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     if impl == "reference":
-        rates = reference_rates(args, network, loss_fn, device)
+        interval = reference_trainer(args, network, loss_fn, device)
+        rates = [interval() for _ in range(args.intervals + 1)]
     else:
-        config = TrainConfig(
-            steps=args.interval * (args.intervals + 1),
-            batch_size=args.batch_size,
-            lr=1e-4,
-            ema_rates=(0.9999,),
-            precision=precision,
-            log_interval=args.interval,
-            save_interval=10**9,
-            compile=compiled,
-        )
-        with tempfile.TemporaryDirectory() as run_dir:
-            batches = random_batches(args, device)
-            train(network, loss_fn, batches, config, run_dir, device=device, progress=False)
-            records = (Path(run_dir) / "log.jsonl").read_text().splitlines()
-        rates = [json.loads(line)["images_per_s"] for line in records]
+        rates = admkit_rates(args, network, loss_fn, device, precision, compiled)
     wall = time.perf_counter() - start
     record = dict(
         bench="train",
@@ -173,10 +231,17 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    parser.add_argument(
+        "--pairs",
+        default="on",
+        choices=("on", "off"),
+        help="also time each admkit configuration paired with the reference in one process",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker is not None:
+        keep_freed_memory()  # as `admkit`'s command line does (training is measured unaffected)
         impl, precision, compiled = json.loads(args.worker)
         print(json.dumps(measure(args, impl, precision, compiled)), flush=True)
         return
@@ -186,6 +251,8 @@ def main() -> None:
     for precision in args.dtypes.split(","):
         for mode in compile_modes.split(","):
             runs.append(("admkit", precision, mode == "on"))
+    if args.pairs == "on":
+        runs += [("paired", precision, compiled) for impl, precision, compiled in runs[1:]]
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")]
     for impl, precision, compiled in runs:
         command = [sys.executable, __file__, *passthrough]
