@@ -56,8 +56,14 @@ def flags_for(args: argparse.Namespace) -> dict:
         num_channels=args.num_channels,
         channel_mult=args.channel_mult,
         num_classes=10,
+        use_checkpoint=args.use_checkpoint,
     )
     return flags
+
+
+def config_name(args: argparse.Namespace) -> str:
+    name = f"{args.image_size}px-{args.num_channels}ch"
+    return name + "-checkpointed" if args.use_checkpoint else name
 
 
 def random_batches(args: argparse.Namespace, device: torch.device):
@@ -169,7 +175,7 @@ def measure_paired(args, precision: str, compiled: bool) -> dict:
     return dict(
         bench="train",
         device=device_name(device),
-        config=f"{args.image_size}px-{args.num_channels}ch",
+        config=config_name(args),
         batch_size=args.batch_size,
         impl="admkit, paired",
         dtype=precision,
@@ -199,7 +205,7 @@ def measure(args: argparse.Namespace, impl: str, precision: str, compiled: bool)
     record = dict(
         bench="train",
         device=device_name(device),
-        config=f"{args.image_size}px-{args.num_channels}ch",
+        config=config_name(args),
         parameters=sum(p.numel() for p in network.parameters()),
         batch_size=args.batch_size,
         impl=impl,
@@ -226,6 +232,11 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=5, help="steps per timed interval")
     parser.add_argument("--intervals", type=int, default=3, help="timed intervals after warm-up")
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument(
+        "--use_checkpoint",
+        action="store_true",
+        help="gradient checkpointing of every block (the model flag), in both paths",
+    )
     parser.add_argument(
         "--compile", default=None, help="off, on or off,on (default: off,on on a GPU, off on CPU)"
     )
