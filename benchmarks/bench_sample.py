@@ -96,9 +96,13 @@ def main() -> None:
     with torch.no_grad():
         model(x_T, torch.zeros(n, dtype=torch.long, device=device), y=y)
 
+    reference_evals_seen = []  # every reference run's count, so each row can show its pairs'
+
     def reference():
         with reference_attention():
-            return ddpm_sample(reference_chain, model, x_T, model_kwargs={"y": y})
+            result = ddpm_sample(reference_chain, model, x_T, model_kwargs={"y": y})
+        reference_evals_seen.append(result.num_model_evals)
+        return result
 
     seconds, result = timed(reference, device, args.repeats)
     reference_evals = result.num_model_evals
@@ -138,6 +142,8 @@ def main() -> None:
 
             result = run()  # warm-up (and compilation), not timed
             seconds, ratio = paired(run, reference, device, args.repeats, warmup=0)
+            if set(reference_evals_seen[-args.repeats :]) != {reference_evals}:
+                raise RuntimeError(f"{name}: its paired reference runs changed their step count")
             per_eval = seconds / result.num_model_evals
             # Per evaluation: the reference takes reference_evals, this sampler result's count.
             speedup = ratio * result.num_model_evals / reference_evals
@@ -148,6 +154,7 @@ def main() -> None:
                     "impl": "admkit",
                     "dtype": precision,
                     "evals": result.num_model_evals,
+                    "reference_evals": reference_evals_seen[-1],
                     "images_per_s": round(n / seconds, 3),
                     "s_per_eval": round(per_eval, 4),
                     "speedup_per_eval": round(speedup, 3),
