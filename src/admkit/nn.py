@@ -103,10 +103,10 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool) -> torch.T
     equals the original's einsum formulation to rounding. Half inputs on a CPU take the
     original's own half-precision arithmetic instead: scores and values through half matrix
     products, the softmax in float32 rounded back to half (the CPU's half softmax kernel does
-    exactly that), 2.3x faster there for forward+backward than the fused kernel (measured at 256
-    tokens of 32-channel heads). The fused kernels have no second derivative: for double
-    backward (a gradient penalty), run the forward pass inside
-    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``.
+    exactly that): in a bf16 training step of the benchmarks' small model, attention took half
+    the time of the fused kernel run in float32 (profiled; the CPU's bf16 fused kernel is slower
+    still). The fused kernels have no second derivative: for double backward (a gradient
+    penalty), run the forward pass inside ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``.
 
     Args:
         qkv: [N, 3C, L].
