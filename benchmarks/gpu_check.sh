@@ -13,7 +13,8 @@
 #   smoke      imagenet64 and imagenet256 presets with random weights on the GPU: forward in
 #              fp32 / bf16 / fp16 with SDPA, against the original's einsum attention, bf16 and
 #              fp16 against fp32, flash attention, a classifier-guidance gradient
-#   pytest     the tests marked `gpu`, if any
+#   pytest     the tests marked `gpu` (tests/test_gpu.py: the conformance vectors on the device,
+#              float32 and half precision)
 #   bench_unet imagenet64, then imagenet256 at batch 8 (bench_unet.py)
 #   bench_sample  every sampler on imagenet64 (bench_sample.py)
 #   digits     admkit train, train-classifier and sample through the CLI on the built-in digits,
@@ -384,7 +385,8 @@ stage smoke 150 "$PY" "$WORK/check.py" smoke "$DEVICE" "$TINY"
 
 if "$PY" -c "import pytest" 2>/dev/null; then
     # shellcheck disable=SC2016  # $0 and $rc belong to the inner shell
-    stage pytest_gpu 120 bash -c '"$0" -m pytest -m gpu -q -p no:cacheprovider tests; rc=$?
+    stage pytest_gpu 120 env ADMKIT_GPU_TEST_DEVICE="$DEVICE" \
+        bash -c '"$0" -m pytest -m gpu -q -p no:cacheprovider tests; rc=$?
         [ "$rc" -eq 5 ] && { echo "(no test is marked gpu: nothing to run)"; exit 0; }
         exit "$rc"' "$PY"
 else
