@@ -18,9 +18,7 @@ does (compilation not timed).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ from admkit.presets import get_preset  # noqa: E402
 from admkit.samplers import SAMPLERS, ddpm_sample, get_sampler, levels_for_steps, randn  # noqa: E402
 from admkit.step_selection import select_timesteps  # noqa: E402
 from admkit.unet import UNet  # noqa: E402
-from common import SMALL, device_name, emit, paired, reference_attention, synchronize  # noqa: E402
+from common import SMALL, device_name, emit, paired, reference_attention, time_call  # noqa: E402
 
 
 def build(args) -> tuple[UNet, dict]:
@@ -44,18 +42,6 @@ def build(args) -> tuple[UNet, dict]:
     flags["use_fp16"] = False
     flags["num_classes"] = 1001  # one extra row, as a model trained for CFG has
     return UNet(script_util.model_config(flags)).eval(), flags
-
-
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median seconds of ``fn()`` over ``repeats`` runs, and the last result."""
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def main() -> None:
@@ -104,8 +90,8 @@ def main() -> None:
         reference_evals_seen.append(result.num_model_evals)
         return result
 
-    seconds, result = timed(reference, device, args.repeats)
-    reference_evals = result.num_model_evals
+    seconds = time_call(reference, device, args.repeats, warmup=0)
+    reference_evals = reference_evals_seen[-1]
     reference_per_eval = seconds / reference_evals
     emit(
         {
@@ -113,7 +99,7 @@ def main() -> None:
             "sampler": "ddpm",
             "impl": "reference",
             "dtype": "fp32",
-            "evals": result.num_model_evals,
+            "evals": reference_evals,
             "images_per_s": round(n / seconds, 3),
             "s_per_eval": round(reference_per_eval, 4),
             "speedup_per_eval": 1.0,

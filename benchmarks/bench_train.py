@@ -263,7 +263,7 @@ def main() -> None:
         for mode in compile_modes.split(","):
             runs.append(("admkit", precision, mode == "on"))
     if args.pairs == "on":
-        runs += [("paired", precision, compiled) for impl, precision, compiled in runs[1:]]
+        runs += [("paired", precision, compiled) for _, precision, compiled in runs[1:]]
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")]
     for impl, precision, compiled in runs:
         command = [sys.executable, __file__, *passthrough]
