@@ -260,3 +260,41 @@ def test_groupnorm_of_half_inputs_equals_the_float32_computation(dtype):
     assert out.dtype == dtype
     torch.testing.assert_close(out, expected.to(dtype))  # the dtype's default: about 1 ulp
     assert (out != expected.to(dtype)).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("size", [(5, 7), (4, 4)])
+def test_upsample_conv_is_the_convolution_of_the_upsampled_map(size):
+    # The sub-pixel form must be the same linear map as the textbook one, whose input it never
+    # builds: outputs and gradients (input, weight, bias) in float64, and a second derivative.
+    from admkit.nn import upsample_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+
+    def textbook(x):
+        up = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        return conv(up)
+
+    out, expected = upsample_conv(x, conv), textbook(x)
+    assert out.shape == (2, 4, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), [x, conv.weight, conv.bias])
+    expected_grads = torch.autograd.grad((expected * probe).sum(), [x, conv.weight, conv.bias])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradgradcheck(lambda x: upsample_conv(x, conv), (x,))
+
+
+def test_upsample_conv_of_a_half_model_rounds_its_kernels_once():
+    from admkit.nn import upsample_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 6, 6)
+    expected = upsample_conv(x.double(), conv.double())
+    half = upsample_conv(x.bfloat16(), conv.bfloat16())
+    # bf16 inputs, weights folded in float32: within a few bf16 units of the exact result.
+    error = (half.double() - expected).abs().max() / expected.abs().max()
+    assert half.dtype == torch.bfloat16 and error < 4 * torch.finfo(torch.bfloat16).eps

@@ -159,6 +159,76 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def _subpixel_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """The four 2×2 kernels that make a 3×3 convolution of a ×2 nearest-upsampled map.
+
+    Along one axis, output row 2i + a of conv(up(x)) sees upsampled rows 2i + a - 1, 2i + a,
+    2i + a + 1, which are input rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1, so its
+    taps (w_0, w_1, w_2) fold to (w_0, w_1 + w_2) on rows (i - 1, i), or to (w_0 + w_1, w_2) on
+    rows (i, i + 1). Folding both axes gives one 2×2 kernel per phase (a, b).
+
+    Args:
+        weight: [O, I, 3, 3].
+
+    Returns:
+        [4·O, I, 2, 2], phase-major: rows (2a + b)·O to (2a + b + 1)·O hold phase (a, b).
+    """
+
+    def fold(w: torch.Tensor, dim: int) -> torch.Tensor:  # new leading phase axis
+        w_0, w_1, w_2 = w.unbind(dim)
+        return torch.stack([torch.stack([w_0, w_1 + w_2], dim), torch.stack([w_0 + w_1, w_2], dim)])
+
+    phases = fold(fold(weight, -2), -1)  # [b, a, O, I, 2, 2]
+    return phases.transpose(0, 1).reshape(-1, weight.shape[1], 2, 2)
+
+
+class _InterleavePhases(torch.autograd.Function):
+    """[N, 2, 2, O, H+1, W+1] phase maps -> [N, O, 2H, 2W]: phase (a, b) cropped at (a, b) fills
+    the pixels (2i + a, 2j + b). Its own backward, because autograd's slicing would build a
+    zero-filled gradient of the whole input for every crop."""
+
+    @staticmethod
+    def forward(ctx, phases: torch.Tensor) -> torch.Tensor:
+        batch, _, _, channels, height, width = phases.shape
+        height, width = height - 1, width - 1
+        out = phases.new_empty(batch, channels, height, 2, width, 2)
+        for a in (0, 1):
+            for b in (0, 1):
+                out[:, :, :, a, :, b] = phases[:, a, b, :, a : a + height, b : b + width]
+        ctx.phase_shape = phases.shape
+        return out.view(batch, channels, 2 * height, 2 * width)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        batch, _, _, channels, height, width = ctx.phase_shape
+        height, width = height - 1, width - 1
+        grad = grad.reshape(batch, channels, height, 2, width, 2)
+        grad_phases = grad.new_zeros(ctx.phase_shape)
+        for a in (0, 1):
+            for b in (0, 1):
+                grad_phases[:, a, b, :, a : a + height, b : b + width] = grad[:, :, :, a, :, b]
+        return grad_phases
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(nearest ×2 upsampling of x)`` for a 3×3 convolution of stride 1 and padding 1,
+    without building the upsampled map: one convolution of x with the four phase kernels of
+    :func:`_subpixel_kernels` (16 taps per input pixel instead of 36), then the phases
+    interleaved. The same sums in another order: float32 results agree to rounding. On this
+    project's CPU the up-block's convolution and its backward took half the float32 time.
+
+    Shapes: [N, I, H, W] -> [N, O, 2H, 2W].
+    """
+    out_channels = conv.weight.shape[0]
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    # Folded in at least float32 (a half-precision model's weights round once, after the sums).
+    weight = conv.weight
+    kernels = _subpixel_kernels(weight.to(torch.promote_types(weight.dtype, torch.float32)))
+    kernels = kernels.to(weight.dtype)
+    phases = F.conv2d(x, kernels, bias, padding=1)
+    return _InterleavePhases.apply(phases.unflatten(1, (2, 2, out_channels)))
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour ×2 upsampling followed by a 3×3 convolution (key ``conv``).
 
@@ -172,7 +242,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return upsample_conv(x, self.conv)
 
 
 class Downsample(nn.Module):
@@ -263,7 +333,10 @@ class ResBlock(TimestepBlock):
         else:
             # Resample between the activation and the conv, as the released weights expect.
             norm_act, conv = self.in_layers[:-1], self.in_layers[-1]
-            h = conv(self._resample(norm_act(x)))
+            if self.resample == "up":
+                h = upsample_conv(norm_act(x), conv)
+            else:
+                h = conv(self._resample(norm_act(x)))
             x = self._resample(x)
         emb_out = self.emb_layers(emb).to(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
