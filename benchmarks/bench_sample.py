@@ -1,15 +1,15 @@
 """Sampling throughput per sampler and precision, against the original's way in the same run.
 
 Prints one JSON line per sampler and precision: images/s for a whole run of ``--steps`` network
-evaluations, seconds per network evaluation, and the speed per evaluation relative to the
-reference point: the plain ancestral loop over the same number of steps with the original's
-einsum attention (``common.reference_attention``), float32, global-generator noise and no
-autocast. Every figure is the median of ``--repeats`` runs; each run of a sampler is paired
-with a reference run just before it, and the speed-up is the median of the paired ratios.
-Samplers at equal ``--steps`` do equal network work (heun: 2·levels - 1 evaluations), so their
-figures differ by the solver's own overhead and per-image noise; CFG doubles each evaluation's
-batch. ``--compile`` adds a row of ddpm with the network compiled as ``admkit sample --compile``
-does (compilation not timed).
+evaluations, seconds per network evaluation, and the speed per evaluation relative to the reference
+point: the plain ancestral loop over the same number of steps with the original's network
+arithmetic (``common.reference_network``: einsum attention, upsampled maps), float32,
+global-generator noise and no autocast. Every figure is the median of ``--repeats`` runs; each run
+of a sampler is paired with a reference run just before it, and the speed-up is the median of the
+paired ratios. Samplers at equal ``--steps`` do equal network work (heun: 2·levels - 1
+evaluations), so their figures differ by the solver's own overhead and per-image noise; CFG doubles
+each evaluation's batch. ``--compile`` adds a row of ddpm with the network compiled as ``admkit
+sample --compile`` does (compilation not timed).
 
     python benchmarks/bench_sample.py
     python benchmarks/bench_sample.py --preset imagenet64 --batch_size 16 --steps 25 --device cuda
@@ -33,7 +33,7 @@ from admkit.presets import get_preset  # noqa: E402
 from admkit.samplers import SAMPLERS, ddpm_sample, get_sampler, levels_for_steps, randn  # noqa: E402
 from admkit.step_selection import select_timesteps  # noqa: E402
 from admkit.unet import UNet  # noqa: E402
-from common import SMALL, device_name, emit, paired, reference_attention, time_call  # noqa: E402
+from common import SMALL, device_name, emit, paired, reference_network, time_call  # noqa: E402
 
 
 def build(args) -> tuple[UNet, dict]:
@@ -85,7 +85,7 @@ def main() -> None:
     reference_evals_seen = []  # every reference run's count, so each row can show its pairs'
 
     def reference():
-        with reference_attention():
+        with reference_network():
             result = ddpm_sample(reference_chain, model, x_T, model_kwargs={"y": y})
         reference_evals_seen.append(result.num_model_evals)
         return result

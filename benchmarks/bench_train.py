@@ -1,6 +1,6 @@
 """Training throughput and peak memory: admkit's loop in fp32 / bf16, compiled or not, against
-the original's training step (einsum attention recomputed in backward, float32, per-parameter
-bookkeeping, no compilation) in the same run.
+the original's training step (einsum attention recomputed in backward, upsampled maps convolved,
+float32, per-parameter bookkeeping, no compilation) in the same run.
 
 Every configuration trains in its own process (so the CPU's peak RSS is that configuration's) on
 random in-memory batches, data loading left out, with the diffusion loss of ``admkit train``
@@ -46,7 +46,7 @@ from admkit.cli.training import DiffusionLoss  # noqa: E402
 from admkit.compat import script_util  # noqa: E402
 from admkit.timestep_sampling import UniformSampler  # noqa: E402
 from admkit.train import TrainConfig, train  # noqa: E402
-from common import SMALL, device_name, emit, reference_attention, synchronize  # noqa: E402
+from common import SMALL, device_name, emit, reference_network, synchronize  # noqa: E402
 
 
 def flags_for(args: argparse.Namespace) -> dict:
@@ -94,7 +94,7 @@ def reference_trainer(args, network, loss_fn, device: torch.device):
         network.train()
         synchronize(device)
         start = time.perf_counter()
-        with reference_attention():
+        with reference_network():
             for _ in range(args.interval):
                 for p in params:
                     if p.grad is not None:
@@ -159,8 +159,8 @@ def measure_paired(args, precision: str, compiled: bool) -> dict:
     the speed-up is the median of the per-interval ratios after the warm-up interval."""
     device = torch.device(args.device)
     network, loss_fn = build(args, device)
-    reference_network, reference_loss = build(args, device)
-    reference_interval = reference_trainer(args, reference_network, reference_loss, device)
+    reference_model, reference_loss = build(args, device)
+    reference_interval = reference_trainer(args, reference_model, reference_loss, device)
     reference = []
     own = admkit_rates(
         args,

@@ -26,7 +26,7 @@ from admkit.compat import script_util  # noqa: E402
 from admkit.generate import compiled_for_sampling  # noqa: E402
 from admkit.presets import get_preset  # noqa: E402
 from admkit.unet import UNet  # noqa: E402
-from common import SMALL, autocast, device_name, emit, paired, reference_attention  # noqa: E402
+from common import SMALL, autocast, device_name, emit, paired, reference_network  # noqa: E402
 
 
 def build(args) -> tuple[torch.nn.Module, dict]:
@@ -76,7 +76,7 @@ def main() -> None:
 
     def reference_of(fn):
         def reference():
-            with reference_attention():
+            with reference_network():
                 fn()
 
         return reference
@@ -89,7 +89,7 @@ def main() -> None:
                 rows.append((mode, dtype, "compiled"))
     for mode, dtype, own in rows:
         base = forward if mode == "forward" else forward_backward
-        reference = reference_of(base)  # the original's way: float32, einsum attention
+        reference = reference_of(base)  # the original's way (common.reference_network), fp32
         if own == "compiled":
             fn = functools.partial(forward, compiled, dtype)
         else:

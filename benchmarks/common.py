@@ -3,9 +3,10 @@
 The reference path re-states, in our own words, how the original computes a network step:
 attention through two einsums with q and k each scaled by c^(-1/4) and a float32 softmax, no
 fused kernel, and every attention block recomputed in the backward pass (the original
-checkpoints its attention blocks always, whatever ``use_checkpoint`` says: reference §3.12); no
-autocast, no compilation. Benchmarks time it in the same run as admkit's path, so every speed
-figure is a ratio measured on one machine at one time.
+checkpoints its attention blocks always, whatever ``use_checkpoint`` says: reference §3.12);
+upsampling convolutions applied to the nearest-upsampled map; no autocast, no compilation.
+Benchmarks time it in the same run as admkit's path, so every speed figure is a ratio measured
+on one machine at one time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import admkit.nn
@@ -105,18 +107,27 @@ def _always_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
     return self._forward(x)
 
 
+def _upsampled_then_convolved(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    # The original's Upsample and up-ResBlock: the nearest-upsampled map, then the 3x3 conv.
+    return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
 @contextlib.contextmanager
-def reference_attention():
-    """Run admkit's networks with the original's attention inside this block: its einsum
-    arithmetic, and each attention block recomputed in the backward pass as the original does."""
+def reference_network():
+    """Run admkit's networks the original's way inside this block: its einsum attention, each
+    attention block recomputed in the backward pass as the original does, and upsampling
+    convolutions applied to the upsampled map (admkit convolves by sub-pixel phases)."""
     fused, forward = admkit.nn.qkv_attention, admkit.nn.AttentionBlock.forward
+    upsample_conv = admkit.nn.upsample_conv
     admkit.nn.qkv_attention = einsum_qkv_attention
     admkit.nn.AttentionBlock.forward = _always_checkpointed
+    admkit.nn.upsample_conv = _upsampled_then_convolved
     try:
         yield
     finally:
         admkit.nn.qkv_attention = fused
         admkit.nn.AttentionBlock.forward = forward
+        admkit.nn.upsample_conv = upsample_conv
 
 
 def autocast(device: torch.device, dtype: str):

@@ -174,7 +174,7 @@ from admkit.compat import script_util
 from admkit.guidance import classifier_grad_fn
 from admkit.presets import get_preset
 from admkit.unet import EncoderUNet, UNet
-from common import autocast, device_name, emit, reference_attention, synchronize
+from common import autocast, device_name, emit, reference_network, synchronize
 
 mode, device, tiny = sys.argv[1], torch.device(sys.argv[2]), sys.argv[3] == "1"
 TINY = dict(
@@ -246,7 +246,7 @@ def check_unet(name: str, flags: dict, batch_size: int) -> bool:
         for dtype in ("fp32", "bf16", "fp16"):
             with autocast(device, dtype):
                 outputs[dtype] = model(**batch).float()
-        with reference_attention():
+        with reference_network():
             outputs["einsum"] = model(**batch).float()
         errors = {
             "sdpa_vs_einsum": relative(outputs["fp32"], outputs["einsum"]),

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at tiny sizes and print the records benchmarks/README.md
 is made of (their figures are measured by running them, not here)."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -65,3 +66,40 @@ def test_bench_data_reads_a_folder_of_images():
     )  # fmt: skip
     assert record["source"] == "40x30 jpg" and record["workers"] == 0
     assert record["images_per_s"] > 0
+
+
+def test_reference_network_computes_the_original_way_and_restores_admkit(monkeypatch):
+    # The reference must not get admkit's own speed-ups: inside the block an up-sampling
+    # ResBlock builds the upsampled map and attention runs through einsums; after it, admkit's
+    # functions are back.
+    import torch
+
+    import admkit.nn
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    common = importlib.import_module("common")
+    own = (admkit.nn.upsample_conv, admkit.nn.qkv_attention, admkit.nn.AttentionBlock.forward)
+    block = admkit.nn.ResBlock(32, 8, 0.0, up=True)
+    for parameter in block.parameters():  # no zero-initialised layer hiding the conv path
+        torch.nn.init.normal_(parameter)
+    block.double()
+    x, emb = torch.randn(1, 32, 3, 3, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
+    upsampled = []
+    interpolate = torch.nn.functional.interpolate
+
+    def counting(*args, **kwargs):
+        upsampled.append(args[0])
+        return interpolate(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", counting)
+    with common.reference_network():
+        assert admkit.nn.qkv_attention is common.einsum_qkv_attention
+        reference = block(x, emb)
+    assert len(upsampled) == 2  # the activation before the conv, and the skip path
+    torch.testing.assert_close(block(x, emb), reference)
+    assert len(upsampled) == 3  # admkit's way upsamples the skip path only
+    assert (
+        admkit.nn.upsample_conv,
+        admkit.nn.qkv_attention,
+        admkit.nn.AttentionBlock.forward,
+    ) == own
