@@ -215,7 +215,8 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     without building the upsampled map: one convolution of x with the four phase kernels of
     :func:`_subpixel_kernels` (16 taps per input pixel instead of 36), then the phases
     interleaved. The same sums in another order: float32 results agree to rounding. On this
-    project's CPU the up-block's convolution and its backward took half the float32 time.
+    project's 2-core CPU, forward and backward of the benchmark model's 16 → 32 pixel block
+    (128 channels, batch 16) took 0.54 of the textbook form's time in float32, 0.64 in bf16.
 
     Shapes: [N, I, H, W] -> [N, O, 2H, 2W].
     """
