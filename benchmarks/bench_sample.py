@@ -3,13 +3,13 @@
 Prints one JSON line per sampler and precision: images/s for a whole run of ``--steps`` network
 evaluations, seconds per network evaluation, and the speed per evaluation relative to the reference
 point: the plain ancestral loop over the same number of steps with the original's network
-arithmetic (``common.reference_network``: einsum attention, upsampled maps), float32,
-global-generator noise and no autocast. Every figure is the median of ``--repeats`` runs; each run
-of a sampler is paired with a reference run just before it, and the speed-up is the median of the
-paired ratios. Samplers at equal ``--steps`` do equal network work (heun: 2·levels - 1
-evaluations), so their figures differ by the solver's own overhead and per-image noise; CFG doubles
-each evaluation's batch. ``--compile`` adds a row of ddpm with the network compiled as ``admkit
-sample --compile`` does (compilation not timed).
+arithmetic (``common.reference_network``: einsum attention, upsampling and scale-shift norm as
+written), float32, global-generator noise and no autocast. Every figure is the median of
+``--repeats`` runs; each run of a sampler is paired with a reference run just before it, and the
+speed-up is the median of the paired ratios. Samplers at equal ``--steps`` do equal network work
+(heun: 2·levels - 1 evaluations), so their figures differ by the solver's own overhead and
+per-image noise; CFG doubles each evaluation's batch. ``--compile`` adds a row of ddpm with the
+network compiled as ``admkit sample --compile`` does (compilation not timed).
 
     python benchmarks/bench_sample.py
     python benchmarks/bench_sample.py --preset imagenet64 --batch_size 16 --steps 25 --device cuda

@@ -1,6 +1,6 @@
 """Training throughput and peak memory: admkit's loop in fp32 / bf16, compiled or not, against
-the original's training step (einsum attention recomputed in backward, upsampled maps convolved,
-float32, per-parameter bookkeeping, no compilation) in the same run.
+the original's training step (its network arithmetic, ``common.reference_network``; float32,
+per-parameter bookkeeping, no compilation) in the same run.
 
 Every configuration trains in its own process (so the CPU's peak RSS is that configuration's) on
 random in-memory batches, data loading left out, with the diffusion loss of ``admkit train``

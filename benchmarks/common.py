@@ -4,7 +4,8 @@ The reference path re-states, in our own words, how the original computes a netw
 attention through two einsums with q and k each scaled by c^(-1/4) and a float32 softmax, no
 fused kernel, and every attention block recomputed in the backward pass (the original
 checkpoints its attention blocks always, whatever ``use_checkpoint`` says: reference §3.12);
-upsampling convolutions applied to the nearest-upsampled map; no autocast, no compilation.
+upsampling convolutions applied to the nearest-upsampled map; the scale-shift norm as a
+GroupNorm followed by a product and a sum; no autocast, no compilation.
 Benchmarks time it in the same run as admkit's path, so every speed figure is a ratio measured
 on one machine at one time.
 """
@@ -112,22 +113,31 @@ def _upsampled_then_convolved(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.T
     return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+def _normalized_then_modulated(self, x, scale, shift) -> torch.Tensor:
+    # The original's scale-shift norm: GroupNorm, then a product and a sum over the activation.
+    scale, shift = (part.to(x.dtype)[..., None, None] for part in (scale, shift))
+    return self(x) * (1 + scale) + shift
+
+
 @contextlib.contextmanager
 def reference_network():
     """Run admkit's networks the original's way inside this block: its einsum attention, each
-    attention block recomputed in the backward pass as the original does, and upsampling
-    convolutions applied to the upsampled map (admkit convolves by sub-pixel phases)."""
+    attention block recomputed in the backward pass as the original does, upsampling
+    convolutions applied to the upsampled map (admkit convolves by sub-pixel phases), and the
+    scale-shift norm as GroupNorm, product and sum (admkit folds it into one GroupNorm)."""
     fused, forward = admkit.nn.qkv_attention, admkit.nn.AttentionBlock.forward
-    upsample_conv = admkit.nn.upsample_conv
+    upsample_conv, modulated = admkit.nn.upsample_conv, admkit.nn.GroupNorm32.modulated
     admkit.nn.qkv_attention = einsum_qkv_attention
     admkit.nn.AttentionBlock.forward = _always_checkpointed
     admkit.nn.upsample_conv = _upsampled_then_convolved
+    admkit.nn.GroupNorm32.modulated = _normalized_then_modulated
     try:
         yield
     finally:
         admkit.nn.qkv_attention = fused
         admkit.nn.AttentionBlock.forward = forward
         admkit.nn.upsample_conv = upsample_conv
+        admkit.nn.GroupNorm32.modulated = modulated
 
 
 def autocast(device: torch.device, dtype: str):

@@ -70,36 +70,50 @@ def test_bench_data_reads_a_folder_of_images():
 
 def test_reference_network_computes_the_original_way_and_restores_admkit(monkeypatch):
     # The reference must not get admkit's own speed-ups: inside the block an up-sampling
-    # ResBlock builds the upsampled map and attention runs through einsums; after it, admkit's
-    # functions are back.
+    # ResBlock builds the upsampled map, its scale-shift norm is GroupNorm then product and sum,
+    # and attention runs through einsums; both ways give the same numbers, and after the block
+    # admkit's functions are back.
     import torch
 
     import admkit.nn
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     common = importlib.import_module("common")
-    own = (admkit.nn.upsample_conv, admkit.nn.qkv_attention, admkit.nn.AttentionBlock.forward)
-    block = admkit.nn.ResBlock(32, 8, 0.0, up=True)
+
+    def current():
+        nn = admkit.nn
+        return (
+            nn.upsample_conv,
+            nn.qkv_attention,
+            nn.AttentionBlock.forward,
+            nn.GroupNorm32.modulated,
+        )
+
+    own = current()
+    block = admkit.nn.ResBlock(32, 8, 0.0, use_scale_shift_norm=True, up=True)
     for parameter in block.parameters():  # no zero-initialised layer hiding the conv path
         torch.nn.init.normal_(parameter)
     block.double()
-    x, emb = torch.randn(1, 32, 3, 3, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
-    upsampled = []
+    x, emb = torch.randn(2, 32, 3, 3, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    upsampled, modulated = [], []
     interpolate = torch.nn.functional.interpolate
 
     def counting(*args, **kwargs):
         upsampled.append(args[0])
         return interpolate(*args, **kwargs)
 
+    textbook = common._normalized_then_modulated
+
+    def textbook_modulated(self, x, scale, shift):
+        modulated.append(x)
+        return textbook(self, x, scale, shift)
+
     monkeypatch.setattr(torch.nn.functional, "interpolate", counting)
+    monkeypatch.setattr(common, "_normalized_then_modulated", textbook_modulated)
     with common.reference_network():
         assert admkit.nn.qkv_attention is common.einsum_qkv_attention
         reference = block(x, emb)
-    assert len(upsampled) == 2  # the activation before the conv, and the skip path
+    assert len(upsampled) == 2 and len(modulated) == 1  # pre-conv activation and skip path
     torch.testing.assert_close(block(x, emb), reference)
-    assert len(upsampled) == 3  # admkit's way upsamples the skip path only
-    assert (
-        admkit.nn.upsample_conv,
-        admkit.nn.qkv_attention,
-        admkit.nn.AttentionBlock.forward,
-    ) == own
+    assert len(upsampled) == 3 and len(modulated) == 1  # admkit upsamples the skip path only
+    assert current() == own
