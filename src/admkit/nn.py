@@ -55,7 +55,13 @@ class GroupNorm32(nn.GroupNorm):
         folded = x.reshape(1, batch * channels, *x.shape[2:])
         return self._group_norm(folded, batch * self.num_groups, weight, bias).reshape(x.shape)
 
-    def _group_norm(self, x, num_groups, weight, bias) -> torch.Tensor:
+    def _group_norm(
+        self,
+        x: torch.Tensor,
+        num_groups: int,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         if x.device.type == "cpu":
             return F.group_norm(x, num_groups, weight, bias, self.eps)
         weight = None if weight is None else weight.float()
