@@ -140,7 +140,7 @@ def main() -> None:
                     "impl": "admkit",
                     "dtype": precision,
                     "evals": result.num_model_evals,
-                    "reference_evals": reference_evals_seen[-1],
+                    "reference_evals": reference_evals,
                     "images_per_s": round(n / seconds, 3),
                     "s_per_eval": round(per_eval, 4),
                     "speedup_per_eval": round(speedup, 3),

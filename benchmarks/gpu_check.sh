@@ -11,7 +11,8 @@
 # device tool use timeout_s >= 500):
 #   env        python, torch, CUDA, the GPU; missing small dependencies are tried with pip
 #   smoke      imagenet64 and imagenet256 presets with random weights on the GPU: forward in
-#              fp32 / bf16 / fp16 with SDPA, against the original's einsum attention, bf16 and
+#              fp32 / bf16 / fp16 with SDPA, against the original's arithmetic
+#              (common.reference_network: einsum attention, upsampling, scale-shift norm), bf16 and
 #              fp16 against fp32, flash attention, a classifier-guidance gradient
 #   pytest     the tests marked `gpu` (tests/test_gpu.py: the conformance vectors on the device,
 #              float32 and half precision)
@@ -197,7 +198,8 @@ TINY_CLASSIFIER = dict(
     classifier_pool="attention",
 )
 # Relative L2 error allowed against the fp32 forward: half precision keeps ~3 (bf16) or ~4 (fp16)
-# significant digits per operation; SDPA in fp32 must equal the einsum formulation to rounding.
+# significant digits per operation; admkit's fp32 path must equal the original's arithmetic
+# (einsum attention, upsampling, scale-shift norm) to rounding.
 LIMITS = {
     "sdpa_vs_einsum": 1e-3,
     "bf16_vs_fp32": 5e-2,

@@ -242,14 +242,13 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     Shapes: [N, I, H, W] -> [N, O, 2H, 2W].
     """
-    out_channels = conv.weight.shape[0]
+    weight = conv.weight
     bias = None if conv.bias is None else conv.bias.repeat(4)
     # Folded in at least float32 (a half-precision model's weights round once, after the sums).
-    weight = conv.weight
     kernels = _subpixel_kernels(weight.to(torch.promote_types(weight.dtype, torch.float32)))
     kernels = kernels.to(weight.dtype)
     phases = F.conv2d(x, kernels, bias, padding=1)
-    return _InterleavePhases.apply(phases.unflatten(1, (2, 2, out_channels)))
+    return _InterleavePhases.apply(phases.unflatten(1, (2, 2, weight.shape[0])))
 
 
 class Upsample(nn.Module):
