@@ -42,8 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from admkit.allocator import keep_freed_memory  # noqa: E402
 from admkit.cli.models import build_diffusion, build_network  # noqa: E402
-from admkit.cli.training import DiffusionLoss  # noqa: E402
 from admkit.compat import script_util  # noqa: E402
+from admkit.objectives import DiffusionLoss  # noqa: E402
 from admkit.timestep_sampling import UniformSampler  # noqa: E402
 from admkit.train import TrainConfig, train  # noqa: E402
 from common import SMALL, device_name, emit, reference_network, synchronize  # noqa: E402

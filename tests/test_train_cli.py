@@ -18,8 +18,8 @@ from PIL import Image
 from admkit import checkpoint as ckpt
 from admkit.cli import main
 from admkit.cli.models import load_model
-from admkit.cli.training import ClassifierLoss, DiffusionLoss
 from admkit.diffusion import Diffusion
+from admkit.objectives import ClassifierLoss, DiffusionLoss
 from admkit.timestep_sampling import LossSecondMomentResampler, UniformSampler
 
 ROOT = Path(__file__).resolve().parents[1]

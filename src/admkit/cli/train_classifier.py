@@ -23,6 +23,7 @@ from admkit.cli.models import build_diffusion, build_network
 from admkit.cli.options import add_model_options, preset_flags, resolve_flags, spellings
 from admkit.data import ImageDataset, StepBatchSampler
 from admkit.errors import UserError
+from admkit.objectives import ClassifierLoss
 from admkit.train import TrainConfig
 
 DESCRIPTION = (
@@ -80,7 +81,7 @@ class Validation:
     def __init__(
         self,
         network: torch.nn.Module,
-        loss_fn: training.ClassifierLoss,
+        loss_fn: ClassifierLoss,
         dataset: ImageDataset,
         config: TrainConfig,
         eval_interval: int,
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     network = build_network("classifier", flags)
     # The classifier learns every step of the full chain: sampling maps respaced steps to them.
     diffusion = build_diffusion(flags, timestep_respacing="") if args.noised else None
-    loss_fn = training.ClassifierLoss(diffusion)
+    loss_fn = ClassifierLoss(diffusion)
     on_log = before_step = None
     if validation_data is not None:
         validation = Validation(network, loss_fn, validation_data, config, args.eval_interval)
