@@ -8,7 +8,6 @@ every helper is a cheap no-op for a world of one process, so the same code runs 
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import threading
@@ -100,11 +99,6 @@ def setup(device: torch.device | None = None) -> torch.device:
 def teardown() -> None:
     """Leave the process group (a no-op when none was joined)."""
     if dist.is_available() and dist.is_initialized():
-        # Objects that still use the group but sit in reference cycles (a DDP wrapper, reached
-        # from a training frame that a plotting library's stored traceback kept alive, was seen
-        # alive here on rank 0) are freed now, while every process is still in the group, not by
-        # a later garbage collection after it is gone.
-        gc.collect()
         # Without a last barrier, a process that leaves first can close connections the others
         # still use, and gloo aborts them ("terminate called without an active exception").
         dist.barrier()
