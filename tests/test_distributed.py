@@ -72,6 +72,37 @@ def test_stop_request_turns_ctrl_c_into_a_flag():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_exit_process_flushes_and_returns_the_code(tmp_path):
+    # Piped standard streams are block-buffered: without the flush, os._exit would drop both.
+    script = (
+        "import sys; from admkit.distributed import exit_process; "
+        "print('written', end=''); sys.stderr.write('warned'); exit_process(3)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, timeout=120
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"written", b"warned")
+
+
+@pytest.mark.parametrize(
+    "argv, code, text",
+    [
+        (["presets"], 0, "imagenet64"),
+        (["presets", "no-such-preset"], 2, "no-such-preset"),
+        (["sample"], 2, "required"),  # argparse's usage error: SystemExit(2)
+        (["--help"], 0, "usage"),
+    ],
+)
+def test_command_under_torchrun_exits_with_its_code_and_output(argv, code, text, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARIABLES, "PYTHONUNBUFFERED")}
+    env |= {"WORLD_SIZE": "2", "RANK": "1"}  # the variables torchrun sets; no group is joined
+    command = [sys.executable, "-m", "admkit", *argv]
+    result = subprocess.run(command, env=env, capture_output=True, timeout=120, text=True)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert text in result.stdout + result.stderr
+
+
 def _run(command: list[str], tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"

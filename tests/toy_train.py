@@ -111,6 +111,8 @@ def main() -> None:
     batches = toy_batches(args.batch_size, rank, world_size)
     train(model, loss_fn, batches, config, args.out, run_config={"toy": "mlp"}, device=device)
     distributed.teardown()
+    if world_size > 1:
+        distributed.exit_process(0)  # as the admkit command does under torchrun
 
 
 def check_collectives(rank: int, world_size: int) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -97,12 +98,33 @@ def setup(device: torch.device | None = None) -> torch.device:
 
 
 def teardown() -> None:
-    """Leave the process group (a no-op when none was joined)."""
+    """Leave the process group (a no-op when none was joined).
+
+    A process that ``torchrun`` launched should then end with :func:`exit_process`.
+    """
     if dist.is_available() and dist.is_initialized():
-        # Without a last barrier, a process that leaves first can close connections the others
-        # still use, and gloo aborts them ("terminate called without an active exception").
+        # A last barrier, so that no process leaves while the others still talk to it.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code`` at once, without the interpreter's finalization.
+
+    For processes launched by ``torchrun``, after :func:`teardown`. gloo's worker threads (which
+    outlive ``destroy_process_group``) release each finished collective a moment after it
+    completes, and releasing a tensor that Python code handed in takes the GIL. When that moment
+    falls into the interpreter's finalization, CPython ends the thread and the process aborts
+    ("terminate called without an active exception"; a core dump showed the worker in
+    ``ProcessGroupGloo::runLoop`` destroying a finished barrier's work). Everything a command
+    writes is closed by then, so only the standard streams need flushing.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to save
+            pass
+    os._exit(code)
 
 
 def is_distributed() -> bool:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from admkit.allocator import keep_freed_memory
 from admkit.errors import UserError
@@ -73,4 +75,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry_point() -> None:
     keep_freed_memory()  # a CPU forward pass stops page-faulting its activations
-    sys.exit(main())
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        sys.exit(main())
+    # Launched by torchrun: leave without the interpreter's finalization (see exit_process).
+    from admkit.distributed import exit_process  # here, so that --help does not import torch
+
+    try:
+        code = main()
+    except SystemExit as error:  # argparse's --help and usage errors
+        code = error.code or 0
+        if not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
