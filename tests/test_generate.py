@@ -236,6 +236,7 @@ result = generate([stage(tiny_unet(), "heun")], num_samples=7, batch_size=2, see
 if result.images is not None:
     np.save(sys.argv[1], result.images)
 distributed.teardown()
+distributed.exit_process(0)
 """
 
 
