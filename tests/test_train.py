@@ -63,6 +63,27 @@ def test_loss_decreases_and_the_run_directory_is_complete(tmp_path):
     assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path)] == [30, 60]
 
 
+def test_the_batch_source_is_closed_when_training_returns(tmp_path):
+    # A source that holds loading processes must stop when train() returns, not whenever
+    # garbage collection reaches it: here the test itself keeps the generator referenced.
+    opened, closed = [], []
+
+    def batches(start_step: int):
+        def generate():
+            try:
+                yield from toy_batches(8)(start_step)
+            finally:
+                closed.append(start_step)
+
+        opened.append(generate())
+        return opened[-1]
+
+    _run(tmp_path, plain_loss, batches=batches, steps=4)
+    assert closed == [0]
+    _run(tmp_path, plain_loss, batches=batches, steps=6)  # resumes at step 4
+    assert closed == [0, 4]
+
+
 def test_loss_is_logged_by_timestep_quartile(tmp_path):
     def loss_of_t(model, batch, generator):
         t = torch.arange(8) % T  # two examples in each quartile: {0, 1}, {2, 3}, {4, 5}, {6, 7}

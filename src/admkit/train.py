@@ -13,7 +13,8 @@ The loop does not know what it trains. It receives
   (seed, step, rank), so that a resumed run draws the same numbers;
 - ``batches(start_step) -> Iterator``: this process's share of the global batch of step
   ``start_step``, then of the next steps; a batch is a tensor or a (nested) tuple, list or dict
-  of tensors whose first dimension is the example.
+  of tensors whose first dimension is the example. The iterator is closed (when it has
+  ``close``, as generators do) when ``train`` returns or raises, stopping any loading processes.
 
 The model ``loss_fn`` receives may be wrapped (DDP, ``torch.compile``): call it, don't read its
 attributes. ``loss_fn`` may also carry state across steps (a loss-aware timestep sampler): if it has
@@ -481,6 +482,10 @@ def train(
             raise
         finally:
             bar.close()
+            # Stop the source now (its loading processes, if any), not whenever it is collected.
+            close_source = getattr(source, "close", None)
+            if close_source is not None:
+                close_source()
     return ckpt.latest_checkpoint(run_dir)
 
 
