@@ -264,8 +264,9 @@ def test_groupnorm_of_half_inputs_equals_the_float32_computation(dtype):
 
 @pytest.mark.parametrize("size", [(5, 7), (4, 4)])
 def test_upsample_conv_is_the_convolution_of_the_upsampled_map(size):
-    # The sub-pixel form must be the same linear map as the textbook one, whose input it never
-    # builds: outputs and gradients (input, weight, bias) in float64, and a second derivative.
+    # The transposed convolution must be the same linear map as the textbook form, whose input
+    # it never builds: outputs and gradients (input, weight, bias) in float64, and a second
+    # derivative.
     from admkit.nn import upsample_conv
 
     torch.manual_seed(0)
@@ -301,16 +302,15 @@ def test_upsample_conv_of_a_half_model_rounds_its_kernels_once():
 
 
 def test_compiled_network_gives_the_eager_gradients():
-    # `--compile True` training runs the network through torch.compile, custom autograd
-    # functions (the sub-pixel upsampling) included: its gradients must be eager's. (A variant
-    # of the upsampling's interleave through as_strided compiled, with Inductor, to gradients
-    # wrong by 4 % of their scale on this model; the aot_eager backend did not show it.)
+    # `--compile True` training runs the network through torch.compile: its gradients must be
+    # eager's. (In the fourth session, an as_strided form of the upsampling compiled, with
+    # Inductor, to gradients wrong by 4 % of their scale on this model.)
     model = tiny_unet(attention_ds=(2,))
     model.train()
     _, _, eager = gradients(model, double=False)
     # Static shapes, as in training. Without the reset, shapes that other tests compiled earlier
     # in the process turn on dynamic shapes, for which torch 2.13's Inductor fails to compile
-    # this network's backward (a failure that predates the sub-pixel upsampling).
+    # this network's backward.
     torch._dynamo.reset()
     compiled = torch.compile(model, dynamic=False)
     x, t, y = inputs()
