@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from admkit.compilation import inductor_options
 from admkit.errors import UserError
 from admkit.unet import (
     EncoderUNet,
@@ -302,7 +303,8 @@ def test_upsample_conv_of_a_half_model_rounds_its_kernels_once():
 
 
 def test_compiled_network_gives_the_eager_gradients():
-    # `--compile True` training runs the network through torch.compile: its gradients must be
+    # `--compile True` training runs the network through torch.compile with admkit's Inductor
+    # options (and a compile-only form of the skip path's upsampling): its gradients must be
     # eager's. (In the fourth session, an as_strided form of the upsampling compiled, with
     # Inductor, to gradients wrong by 4 % of their scale on this model.)
     model = tiny_unet(attention_ds=(2,))
@@ -312,7 +314,7 @@ def test_compiled_network_gives_the_eager_gradients():
     # in the process turn on dynamic shapes, for which torch 2.13's Inductor fails to compile
     # this network's backward.
     torch._dynamo.reset()
-    compiled = torch.compile(model, dynamic=False)
+    compiled = torch.compile(model, dynamic=False, options=inductor_options(torch.device("cpu")))
     x, t, y = inputs()
     model.zero_grad()
     compiled(x, t, y).square().mean().backward()

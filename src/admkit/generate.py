@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from admkit import distributed
 from admkit.checkpoint import atomic_path
+from admkit.compilation import inductor_options
 from admkit.diffusion import Diffusion, ModelFn
 from admkit.errors import UserError
 from admkit.guidance import CondFn
@@ -152,7 +153,8 @@ def compiled_for_sampling(network: torch.nn.Module) -> Callable[..., Tensor]:
     lacks a working compiler: that call, and every later one, then runs eagerly after a warning.
     """
     try:
-        compiled = torch.compile(network, options={"freezing": True})
+        device = next((p.device for p in network.parameters()), torch.device("cpu"))
+        compiled = torch.compile(network, options=inductor_options(device, freezing=True))
     except Exception as error:  # a platform where torch.compile cannot even wrap the module
         _compile_failed(error)
         return network

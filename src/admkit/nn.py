@@ -317,6 +317,13 @@ class ResBlock(TimestepBlock):
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.resample == "up":
+            if torch.compiler.is_compiling():
+                # Inductor lowers the interpolation's backward to a scatter-add (~7 ms of a
+                # ~325 ms bf16 training step on the benchmark model, 2-core CPU); a broadcast's
+                # backward is a sum that it fuses. Eagerly, the interpolation kernel is faster.
+                n, c, h, w = x.shape
+                x = x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2)
+                return x.reshape(n, c, 2 * h, 2 * w)
             return F.interpolate(x, scale_factor=2, mode="nearest")
         if self.resample == "down":
             return F.avg_pool2d(x, kernel_size=2, stride=2)

@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from admkit import checkpoint as ckpt
 from admkit import distributed as dist
+from admkit.compilation import inductor_options
 from admkit.errors import UserError
 from admkit.runlog import Meter, plot_losses, truncate_log
 
@@ -244,7 +245,7 @@ def _wrap(model: torch.nn.Module, device: torch.device, compile_model: bool) -> 
     module = model
     if compile_model:
         try:
-            module = torch.compile(model)
+            module = torch.compile(model, options=inductor_options(device))
         except Exception as error:  # a platform without a working compiler stack
             warnings.warn(f"torch.compile failed ({error}); training without it", stacklevel=3)
     if dist.is_distributed():
