@@ -25,6 +25,7 @@ FORBIDDEN = {
     "runlog": {"train", "cli", "compat", "unet", "nn", "diffusion"},
     "judge": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
     "generate": {"unet", "nn", "train", "cli", "compat"},
+    "compilation": {"unet", "nn", "diffusion", "samplers", "train", "generate", "cli", "compat"},
 }
 
 
