@@ -138,6 +138,15 @@ def test_sdpa_attention_equals_einsum_math(new_order):
         assert out_half.dtype == dtype
         exact = einsum_attention(rounded.double(), 4, new_order)
         assert relative_error(out_half.double(), exact) < torch.finfo(dtype).eps
+        # and its gradient (the CPU's half path has a backward of its own)
+        probe = torch.randn(out_half.shape).to(dtype)
+        leaf = rounded.clone().requires_grad_()
+        (grad,) = torch.autograd.grad((qkv_attention(leaf, 4, new_order) * probe).sum(), leaf)
+        exact_leaf = rounded.double().requires_grad_()
+        exact_loss = (einsum_attention(exact_leaf, 4, new_order) * probe.double()).sum()
+        (exact_grad,) = torch.autograd.grad(exact_loss, exact_leaf)
+        assert grad.dtype == dtype
+        assert relative_error(grad.double(), exact_grad) < 2 * torch.finfo(dtype).eps
     # the two layouts really are different functions of the same tensor
     other = einsum_attention(qkv, 4, not new_order)
     assert relative_error(out.double(), other) > 0.1
