@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -63,26 +62,27 @@ def test_device_selection(monkeypatch):
             distributed.select_device("cuda")
 
 
-def ctrl_c():
-    """SIGINT to this process, with a chance for its Python handler to run before this returns
-    (CPython runs handlers in the main thread at its next check; the sleep releases and retakes
-    the GIL, after which pending handlers run)."""
-    signal.raise_signal(signal.SIGINT)
-    time.sleep(0.01)
+@pytest.fixture
+def default_sigint():
+    """Python's default SIGINT handler for the test, and the previous one back afterwards.
+
+    A process started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
+    ignored, and Python then keeps SIG_IGN instead of installing its default handler: pytest
+    launched that way (as this session's fresh-clone CI runs were) starts with SIGINT ignored,
+    StopRequest rightly puts SIG_IGN back after the first Ctrl-C, and the second one does not
+    raise."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
-def test_stop_request_turns_ctrl_c_into_a_flag():
-    # One fresh-clone CI run (sixth session) saw the second Ctrl-C below not raise; it passed in
-    # the same test sequence right after, and the cause is not known. Either its handler ran
-    # late (hence ctrl_c's sleep) or an earlier test left a handler installed (then this first
-    # assert says so).
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+def test_stop_request_turns_ctrl_c_into_a_flag(default_sigint):
     with distributed.StopRequest() as stop:
         assert not stop.agreed(torch.device("cpu"))
-        ctrl_c()  # would raise KeyboardInterrupt without the handler
+        signal.raise_signal(signal.SIGINT)  # would raise KeyboardInterrupt without the handler
         assert stop.agreed(torch.device("cpu"))
         with pytest.raises(KeyboardInterrupt):
-            ctrl_c()  # the second Ctrl-C interrupts at once
+            signal.raise_signal(signal.SIGINT)  # the second Ctrl-C interrupts at once
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
