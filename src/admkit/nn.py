@@ -114,12 +114,13 @@ class _HalfAttention(torch.autograd.Function):
     """softmax(q kᵀ / √c) v per head in half precision on a CPU, from channels-first heads
     [B, 3, c, L] (q, k, v each [c, L], B = N·n_h) to channels-first outputs [B, c, L]: the
     same products as the textbook form (q·c^-1/2 rounded to half, half matrix products, the
-    half softmax kernel, which accumulates in float32), with the same bits forward and backward,
-    but read straight from the fused qkv layout and written straight into the [N, C, L] output,
-    and its gradient assembled in the qkv layout, so no layout copies. Forward and backward on
-    this project's 2-core CPU (bf16, batch 16, 4 heads of 32): 5.35 against 5.79 ms for the
-    textbook form at 16² tokens, 0.55 against 0.74 at 8² (compiled: 5.10 against 5.59, 0.58
-    against 0.68)."""
+    half softmax kernel, which accumulates in float32), read straight from the fused qkv layout,
+    written straight into the [N, C, L] output, the gradient assembled in the qkv layout: no
+    layout copies. The same bits forward and backward as the textbook form in bf16 (both qkv
+    orders) and float16 (legacy order; in the new order 0.03 % of float16 outputs differ by one
+    rounding). Forward and backward on this project's 2-core CPU (bf16, batch 16, 4 heads of
+    32): 5.35 against 5.79 ms for the textbook form at 16² tokens, 0.55 against 0.74 at 8²
+    (compiled: 5.10 against 5.59, 0.58 against 0.68)."""
 
     @staticmethod
     def forward(ctx, heads: torch.Tensor) -> torch.Tensor:
@@ -128,7 +129,6 @@ class _HalfAttention(torch.autograd.Function):
         q_t = q_t * scale
         probs = torch.softmax(torch.bmm(q_t.transpose(1, 2), k_t), dim=-1)
         ctx.save_for_backward(q_t, k_t, v_t, probs)
-        ctx.scale = scale
         return torch.bmm(v_t, probs.transpose(1, 2))
 
     @staticmethod
@@ -139,7 +139,7 @@ class _HalfAttention(torch.autograd.Function):
             torch.bmm(grad_t.transpose(1, 2), v_t), probs, -1, probs.dtype
         )
         grad_k = torch.bmm(q_t, grad_scores)
-        grad_q = torch.bmm(k_t, grad_scores.transpose(1, 2)).mul_(ctx.scale)
+        grad_q = torch.bmm(k_t, grad_scores.transpose(1, 2)).mul_(k_t.shape[1] ** -0.5)
         return torch.stack([grad_q, grad_k, grad_v], 1)
 
 
