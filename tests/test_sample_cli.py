@@ -274,6 +274,48 @@ def test_run_directory_with_cfg_labels_weights_and_precision(files, tmp_path, ca
     assert load(tmp_path / "bf16.npz")["arr_0"].shape == (4, 8, 8, 3)
 
 
+def test_a_checkpoint_folder_or_a_file_in_one_samples_that_checkpoint(files, tmp_path, capsys):
+    run = run_dir(tmp_path, "two_checkpoints", "diffusion", MODEL, seed=7)
+    flags = full_flags("diffusion", MODEL, K)
+    later = {
+        "model": randomised("diffusion", flags, 8),
+        "ema_0.999": randomised("diffusion", flags, 9),
+    }
+    save_checkpoint(run, 20, {k: v.state_dict() for k, v in later.items()}, {"step": 20})
+    first, second = run / "checkpoints" / "step_000010", run / "checkpoints" / "step_000020"
+    common = ["--num_samples", 2, "--steps", 3, "--sampler", "ddim", "--class_label", 2]
+
+    def images(name, model, *extra):
+        code, _, err = admkit(
+            capsys, "sample", "--model", model, *common, *extra, "--out", tmp_path / name
+        )
+        assert code == 0, err
+        return load(tmp_path / name)["arr_0"]
+
+    newest = images("run.npz", run)
+    np.testing.assert_array_equal(images("second.npz", second), newest)
+    older = images("first.npz", first)
+    assert not np.array_equal(older, newest)
+    np.testing.assert_array_equal(images("first_ema.npz", first / "ema_0.999.safetensors"), older)
+    raw = images("first_raw.npz", first, "--weights", "model")
+    np.testing.assert_array_equal(images("first_raw_file.npz", first / "model.safetensors"), raw)
+    assert not np.array_equal(raw, older)
+
+    out = ["--out", tmp_path / "x.npz"]
+    weights_file = ["sample", "--model", first / "model.safetensors", *out]
+    assert "one weights file" in _error(capsys, *weights_file, "--weights", "ema_0.999")
+    assert "an upsampler is needed" in _error(
+        capsys, "upsample", "--model", run, "--base_samples", tmp_path / "run.npz", *out
+    )
+    classifier_checkpoint = files["classifier_run"] / "checkpoints" / "step_000010"
+    assert "holds a classifier; a diffusion model is needed" in _error(
+        capsys, "sample", "--model", classifier_checkpoint, *out
+    )
+    (first / "manifest.json").unlink()
+    assert "not a complete admkit checkpoint" in _error(capsys, "sample", "--model", first, *out)
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_classifier_guidance_from_a_file_and_a_run_directory(files, tmp_path, capsys):
     released = [
         "sample",

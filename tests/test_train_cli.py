@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,55 @@ def test_train_learns_writes_the_run_and_resumes_when_rerun(tmp_path, capsys):
     assert len(error) == 1 and "train.lr: 0.002 -> 0.001" in error[0]
     assert main(_train(run, *options, "--steps", "2", "--lr", "1e-3", "--overwrite")) == 0
     assert _steps(run) == [2] and [r["step"] for r in _log(run)] == [2]
+
+
+def test_init_from_starts_a_run_from_other_weights_and_resumes_without_them(tmp_path, capsys):
+    # The source trains from another seed, so its weights are far from this seed's random init.
+    source = tmp_path / "source"
+    assert main(_train(source, "--steps", "2", "--batch_size", "4", "--seed", "7")) == 0
+    latest = ckpt.latest_checkpoint(source)
+    source_ema, source_model = ckpt.read_weights(latest, "ema_0.9999"), ckpt.read_weights(latest)
+    # A learning rate of 1e-30 leaves the first step's weights where they started.
+    tuned, from_file = tmp_path / "tuned", tmp_path / "from_file"
+    options = ["--steps", "1", "--batch_size", "4", "--lr", "1e-30"]
+    assert main(_train(tuned, *options, "--init_from", str(source))) == 0
+    assert main(_train(from_file, *options, "--init_from", str(latest / "model.safetensors"))) == 0
+    capsys.readouterr()
+    started = {"from the run's EMA": (tuned, source_ema), "from a file": (from_file, source_model)}
+    for run, expected in started.values():
+        weights = _final_weights(run)
+        for name in ("model", "ema_0.9999"):
+            assert weights[name].keys() == expected.keys()
+            for key, value in expected.items():
+                torch.testing.assert_close(weights[name][key], value, rtol=0, atol=1e-6)
+    fresh = tmp_path / "fresh"
+    assert main(_train(fresh, *options)) == 0
+    distance = max(
+        (_final_weights(fresh)["model"][k] - v).abs().max() for k, v in source_ema.items()
+    )
+    assert distance > 1e-2
+    assert _config(tuned)["init_from"] == str(source.resolve())
+
+    # Resuming continues from the run's own checkpoint and never reads the source again...
+    shutil.rmtree(source)
+    tuned_command = _train(tuned, "--steps", "2", "--batch_size", "4", "--lr", "1e-30")
+    assert main([*tuned_command, "--init_from", str(source)]) == 0
+    assert _steps(tuned) == [1, 2]
+    capsys.readouterr()
+    # ...and other weights under the same run are a clear error, as any changed option.
+    assert main([*tuned_command, "--init_from", str(from_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "init_from" in err[0], err
+    # Missing or unfitting weights fail before a run directory exists.
+    for init_from, message in [(source, "does not exist"), (tuned, "does not match")]:
+        new_run = tmp_path / "never"
+        assert (
+            main(_train(new_run, *options, "--num_channels", "64", "--init_from", str(init_from)))
+            == 2
+        )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not new_run.exists()
 
 
 def test_use_fp16_means_fp16_autocast_and_unconditional_config(tmp_path):

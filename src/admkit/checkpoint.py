@@ -347,19 +347,48 @@ def read_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def run_weights(run_dir: str | os.PathLike, name: str | None = None) -> dict[str, torch.Tensor]:
-    """The weights of a run's newest complete checkpoint.
+def checkpoint_weights(
+    checkpoint: str | os.PathLike, name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """One state dict of a complete checkpoint folder.
 
     ``name`` None takes the first EMA the run was trained with (the first ``--ema_rate``), or the
     raw model weights when it kept no EMA.
     """
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise UserError(f"{run_dir} has no complete checkpoint yet; train it first")
     if name is None:
         emas = [n for n in weight_names(checkpoint) if n.startswith("ema_")]
         name = emas[0] if emas else "model"
     return read_weights(checkpoint, name)
+
+
+def run_weights(run_dir: str | os.PathLike, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a run's newest checkpoint; ``name`` as in :func:`checkpoint_weights`."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UserError(f"{run_dir} has no complete checkpoint yet; train it first")
+    return checkpoint_weights(checkpoint, name)
+
+
+def is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named as a run's checkpoint folder (``RUN/checkpoints/step_N``)."""
+    path = Path(path)
+    return _STEP_DIR.match(path.name) is not None and path.parent.name == CHECKPOINTS
+
+
+def config_dir(path: str | os.PathLike) -> Path | None:
+    """Where the ``config.json`` that describes ``path`` lives, or None where nothing does.
+
+    A run directory holds its own; a checkpoint folder and a weights file inside one take their
+    run's; a ``.safetensors`` file takes a ``config.json`` beside it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path.parent.parent if is_checkpoint_folder(path) else path
+    if path.suffix != ".safetensors":
+        return None
+    if (path.parent / CONFIG_NAME).exists():
+        return path.parent
+    return path.parent.parent.parent if is_checkpoint_folder(path.parent) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,17 +396,25 @@ def run_weights(run_dir: str | os.PathLike, name: str | None = None) -> dict[str
 
 
 def read_state_dict(path: str | os.PathLike, weights: str | None = None) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.pt`` file, a ``.safetensors`` file or a run directory.
+    """A state dict from a ``.pt`` file, a ``.safetensors`` file, a run directory (its newest
+    checkpoint) or one of a run's checkpoint folders.
 
     ``.pt`` files are read with ``weights_only=True``: one that holds Python objects (which could
     run code when unpickled) is refused with a :class:`UserError`. ``weights`` picks the weights
-    of a run directory (see :func:`run_weights`).
+    of a run directory or checkpoint folder (see :func:`checkpoint_weights`).
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
+        if is_checkpoint_folder(path):
+            return checkpoint_weights(path, weights)
         return run_weights(path, weights)
+    if weights is not None:
+        raise UserError(
+            f"{path} is one weights file; choosing weights {weights!r} needs a run directory "
+            "or one of its checkpoint folders"
+        )
     if path.suffix == ".safetensors":
         try:
             return safetensors.torch.load_file(path)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from admkit.checkpoint import check_state_dict, read_config, read_state_dict
+from admkit.checkpoint import check_state_dict, config_dir, read_config, read_state_dict
 from admkit.cli.options import preset_flags, resolve_flags
 from admkit.compat import script_util
 from admkit.diffusion import Diffusion, DiffusionConfig
@@ -32,6 +32,11 @@ from admkit.presets import find_matching_preset
 from admkit.unet import EncoderUNet, SuperResUNet, UNet
 
 FLAG_GROUP = {"diffusion": "model", "classifier": "classifier", "upsampler": "upsampler"}
+KIND_NAME = {
+    "diffusion": "a diffusion model",
+    "classifier": "a classifier",
+    "upsampler": "an upsampler",
+}
 
 
 def build_network(kind: str, flags: Mapping[str, Any]) -> torch.nn.Module:
@@ -92,20 +97,23 @@ def load_model(
 
     * a run directory: flags from its ``config.json``, weights from its newest checkpoint
       (``weights`` picks ``model`` or ``ema_RATE``; default the first EMA);
-    * a ``.safetensors`` file with a ``config.json`` beside it (as ``admkit`` exports), or
-      any ``.safetensors`` / ``.pt`` state dict with the model options in ``args`` and/or
-      ``preset`` (guided-diffusion's released checkpoints: ``--preset imagenet64``...).
+    * one of a run's checkpoint folders (``RUN/checkpoints/step_N``), or a ``.safetensors`` file
+      in one: flags from the run's ``config.json``, weights from that checkpoint;
+    * a ``.safetensors`` file with a ``config.json`` beside it, or any ``.safetensors`` / ``.pt``
+      state dict with the model options in ``args`` and/or ``preset`` (guided-diffusion's
+      released checkpoints: ``--preset imagenet64``...).
     Keys and shapes are checked strictly; a mismatch names the differences and a preset that fits.
     """
     path = Path(spec)
     if not path.exists():
-        raise UserError(f"model {spec} does not exist; give a run directory, .safetensors or .pt")
+        raise UserError(
+            f"model {spec} does not exist; give a run directory, a checkpoint folder, "
+            ".safetensors or .pt"
+        )
     group = FLAG_GROUP[kind]
-    config_path = path / "config.json" if path.is_dir() else path.with_name("config.json")
-    if path.is_dir() or (path.suffix == ".safetensors" and config_path.exists()):
-        config = read_config(config_path.parent)
-        if config.get("kind") != kind:
-            raise UserError(f"{spec} holds a {config.get('kind')} model; a {kind} is needed here")
+    run_config = config_dir(path)
+    if run_config is not None:
+        config = _read_run_config(run_config, spec, kind)
         flags = dict(config["flags"])
         num_classes = config.get("num_classes")
         cfg_null_label = config.get("cfg_null_label")
@@ -124,3 +132,30 @@ def load_model(
     network.load_state_dict(state_dict)
     # Released flags may say use_fp16; precision is chosen at sampling time (--precision) instead.
     return LoadedModel(kind, network.eval(), flags, num_classes, cfg_null_label, str(spec))
+
+
+def load_initial_weights(network: torch.nn.Module, spec: str | os.PathLike, kind: str) -> None:
+    """Start ``network`` (a ``kind`` built from a training command's options) from the weights
+    at ``spec``, for fine-tuning: a run directory (its newest checkpoint's first EMA), one of a
+    run's checkpoint folders or a weights file in one, a ``.safetensors`` or a released ``.pt``.
+    Keys and shapes must match the network's exactly, as when sampling."""
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(
+            f"--init_from {spec} does not exist; give a run directory, a checkpoint folder, "
+            ".safetensors or .pt"
+        )
+    run_config = config_dir(path)
+    if run_config is not None:
+        _read_run_config(run_config, spec, kind)
+    state_dict = read_state_dict(path)
+    check_state_dict(state_dict, network, str(spec), _suggest)
+    network.load_state_dict(state_dict)
+
+
+def _read_run_config(run_dir: Path, spec: str | os.PathLike, kind: str) -> dict[str, Any]:
+    config = read_config(run_dir)
+    if config.get("kind") != kind:
+        found = KIND_NAME.get(config.get("kind"), f"{config.get('kind')} model")
+        raise UserError(f"{spec} holds {found}; {KIND_NAME[kind]} is needed here")
+    return config

@@ -67,7 +67,11 @@ def sampler_list() -> str:
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Options every sampling command shares (SPEC §2.5)."""
-    parser.add_argument("--model", required=True, help="run directory, .safetensors or .pt")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="run directory (its newest checkpoint), checkpoint folder, .safetensors or .pt",
+    )
     parser.add_argument("--out", required=True, metavar="OUT.npz", help="samples file to write")
     group = parser.add_argument_group("sampling")
     add = group.add_argument
@@ -126,7 +130,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "shape costs ~20-60 s of compilation; falls back to eager where compiling fails)",
     )
     add("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if there is one)")
-    add("--weights", default=None, help="weights of a run directory: model or ema_RATE")
+    add("--weights", default=None, help="weights of a run or checkpoint folder: model or ema_RATE")
     add("--overwrite", action="store_true", help="replace existing output files")
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from admkit import distributed
-from admkit.checkpoint import checkpoint_step
+from admkit.checkpoint import checkpoint_step, latest_checkpoint
+from admkit.cli.models import load_initial_weights
 from admkit.cli.options import spellings
 from admkit.compat.script_util import str2bool
 from admkit.data import (
@@ -103,6 +104,9 @@ def add_training_options(parser: argparse.ArgumentParser, kind: str) -> None:
         ("log_interval", int, 10, "N", "a log.jsonl record every N steps"),
         ("keep", int, None, "N", "keep only the newest N checkpoints (default: all)"),
         ("seed", int, 0, "N", "seed of the initial weights, batch order and every draw"),
+        ("init_from", str, None, "WEIGHTS", "fine-tune: start from these weights (a run "
+         "directory, checkpoint folder, .safetensors or released .pt that fits the model "
+         "options) instead of random ones; EMAs start from them too"),
         ("num_workers", int, None, "N", "data loading processes (default: 2 for image "
          "folders, 0 for in-memory data)"),
         ("device", str, None, "DEVICE", "cpu, cuda or cuda:N (default: a GPU if any)"),
@@ -397,6 +401,13 @@ def fit(
         f"admkit {command}: {num_parameters / 1e6:.2f}M parameters, {len(dataset)} images from "
         f"{dataset.source}" + (f" in {classes} classes" if classes else "") + f" -> {args.out}"
     )
+    if args.init_from is not None:
+        # Recorded in config.json (absolute, as --data), so that resuming with other weights is
+        # a clear error; a run that has a checkpoint resumes from it and does not read them again.
+        config_json = {**config_json, "init_from": str(Path(args.init_from).resolve())}
+        if args.overwrite or latest_checkpoint(args.out) is None:
+            load_initial_weights(network, args.init_from, config_json["kind"])
+            say(f"admkit {command}: starting from the weights in {args.init_from}")
     joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
         final = train(
