@@ -182,6 +182,44 @@ def test_released_checkpoint_with_every_sampler(files, tmp_path, capsys, sampler
     assert grid.stat().st_size > 0
 
 
+def test_guided_diffusions_sampling_flags_work_as_they_are(files, tmp_path, capsys):
+    # classifier_sample.py $MODEL_FLAGS $CLASSIFIER_FLAGS --classifier_path C --model_path M
+    # $SAMPLE_FLAGS, with its README's 25-step DDIM flags (here 4 steps).
+    size = ["--batch_size", 2, "--num_samples", 2, "--classifier_scale", "1.0"]
+    paths = ["--model_path", files["released"], "--classifier_path", files["classifier"]]
+    names = ["--model", files["released"], "--classifier", files["classifier"]]
+
+    def images(name, *argv):
+        code, _, err = admkit(
+            capsys, "sample", *RELEASED_OPTIONS, *size, *argv, "--out", tmp_path / name
+        )
+        assert code == 0, err
+        return load(tmp_path / name)["arr_0"]
+
+    original = images("original.npz", *paths, "--timestep_respacing", "ddim4", "--use_ddim", "True")
+    ours = images("ours.npz", *names, "--timestep_respacing", "ddim4", "--sampler", "ddim")
+    np.testing.assert_array_equal(original, ours)
+    # The same steps sampled ancestrally: what --use_ddim False (and no flag) gives.
+    ancestral = images("ancestral.npz", *paths, "--timestep_respacing", "ddim4", "--use_ddim", "0")
+    np.testing.assert_array_equal(
+        ancestral, images("ddpm.npz", *names, "--timestep_respacing", "ddim4")
+    )
+    assert not np.array_equal(ancestral, original)
+    message = _error(
+        capsys,
+        "sample",
+        *RELEASED_OPTIONS,
+        *names,
+        "--use_ddim",
+        "True",
+        "--sampler",
+        "heun",
+        "--out",
+        tmp_path / "x.npz",
+    )
+    assert "--use_ddim True means --sampler ddim, not heun" in message
+
+
 def test_dpm_solver_eta_one_is_the_sde_sampler(files, tmp_path, capsys):
     common = ["sample", "--model", files["released"], *RELEASED_OPTIONS, "--num_samples", 3]
     common += ["--steps", 4, "--seed", 5]

@@ -17,11 +17,11 @@ chain is ``--timestep_respacing``, else the preset's respacing, else the model's
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from admkit import distributed
+from admkit.checkpoint import config_dir
 from admkit.cli.models import LoadedModel, build_diffusion, load_model
 from admkit.cli.options import add_model_options, spellings
 from admkit.compat.script_util import str2bool
@@ -69,8 +69,11 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Options every sampling command shares (SPEC §2.5)."""
     parser.add_argument(
         "--model",
+        *spellings("model_path"),
+        dest="model",
         required=True,
-        help="run directory (its newest checkpoint), checkpoint folder, .safetensors or .pt",
+        help="run directory (its newest checkpoint), checkpoint folder, .safetensors or .pt "
+        "(--model_path: guided-diffusion's name)",
     )
     parser.add_argument("--out", required=True, metavar="OUT.npz", help="samples file to write")
     group = parser.add_argument_group("sampling")
@@ -82,7 +85,14 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="images to draw (default 16; upsample: one per base sample)",
     )
     add(*spellings("batch_size"), type=int, default=16, help="images per batch per process")
-    add("--sampler", default="ddpm", help=f"one of: {', '.join(SAMPLERS)} (default ddpm)")
+    add("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} (default ddpm)")
+    add(
+        *spellings("use_ddim"),
+        type=str2bool,
+        default=None,
+        metavar="BOOL",
+        help="guided-diffusion's flag: True means --sampler ddim, False --sampler ddpm",
+    )
     add("--steps", type=int, default=None, help="network evaluations per image (see above)")
     add(
         *spellings("step_spacing"),
@@ -147,7 +157,13 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     add_sampling_options(parser)
     group = parser.add_argument_group("classifier guidance and cascade")
     add = group.add_argument
-    add("--classifier", default=None, help="noise-aware classifier (as --model)")
+    add(
+        "--classifier",
+        *spellings("classifier_path"),
+        dest="classifier",
+        default=None,
+        help="noise-aware classifier (as --model; --classifier_path: guided-diffusion's name)",
+    )
     add(*spellings("classifier_scale"), type=float, default=None, help="guidance scale s")
     add(*spellings("classifier_preset"), default=None, help="preset of a released classifier")
     add("--upsampler", default=None, help="upsampler to chain after the model (as --model)")
@@ -166,6 +182,19 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
 
 # ---------------------------------------------------------------------------------------------
 # Pieces shared with admkit upsample
+
+
+def choose_sampler(args: argparse.Namespace) -> str:
+    """``--sampler``, or what guided-diffusion's ``--use_ddim`` asks for (default ddpm)."""
+    if args.use_ddim is None:
+        return args.sampler or "ddpm"
+    implied = "ddim" if args.use_ddim else "ddpm"
+    if args.sampler not in (None, implied):
+        raise UserError(
+            f"--use_ddim {args.use_ddim} means --sampler {implied}, not {args.sampler}; give one "
+            "of the two"
+        )
+    return implied
 
 
 def check_sampling_options(args: argparse.Namespace, sampler: str) -> None:
@@ -313,17 +342,15 @@ def write_outputs(args: argparse.Namespace, result, what: str) -> None:
 
 
 def is_self_describing(spec: str) -> bool:
-    """A run directory or a .safetensors with config.json: no model options needed."""
-    path = Path(spec)
-    return path.is_dir() or (
-        path.suffix == ".safetensors" and path.with_name("config.json").exists()
-    )
+    """A run, a checkpoint folder or weights with a config.json: no model options needed."""
+    return config_dir(spec) is not None
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> int:
+    args.sampler = choose_sampler(args)
     check_sampling_options(args, args.sampler)
     upsampler_sampler = args.upsampler_sampler or args.sampler
     if args.upsampler:

@@ -27,6 +27,7 @@ from admkit.cli.sample import (
     build_stage,
     check_class_labels,
     check_sampling_options,
+    choose_sampler,
     parse_interval,
     sampler_list,
     sampling_chain,
@@ -80,6 +81,7 @@ def _labels(args, base_labels: np.ndarray | None, num_samples: int, num_classes:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.sampler = choose_sampler(args)
     check_sampling_options(args, args.sampler)
     parse_interval(args.guidance_interval)
     if args.guidance_interval and args.cfg_scale is None:
