@@ -1,4 +1,4 @@
-"""Run directories, atomic checkpoints and safe loading (admkit.checkpoint)."""
+"""Run directories, atomic checkpoints and safe weight loading (checkpoint.py, weights.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 
 from admkit import checkpoint as ckpt
+from admkit import weights
 from admkit.errors import UserError
 
 
@@ -43,7 +44,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(state["optimizer"]["state"][0]["m"], torch.full((2,), 2.5))
     # A run directory's default weights are its first EMA, as SPEC §2.5 asks of `sample`.
     assert torch.equal(ckpt.run_weights(tmp_path)["w"], torch.full((2, 3), -2.5))
-    assert torch.equal(ckpt.read_state_dict(tmp_path, "model")["w"], torch.full((2, 3), 2.5))
+    assert torch.equal(weights.read_state_dict(tmp_path, "model")["w"], torch.full((2, 3), 2.5))
     with pytest.raises(UserError, match="ema_0.5"):
         ckpt.read_weights(path, "ema_0.5")
 
@@ -183,9 +184,9 @@ def test_malicious_pickle_cannot_run_code(tmp_path, writer):
             pickle.dump(payload, f)
     assert not marker.exists()
     with pytest.raises(UserError, match="could run code"):
-        ckpt.read_state_dict(path)
+        weights.read_state_dict(path)
     with pytest.raises(UserError, match="could run code"):
-        ckpt.load_released_checkpoint(path, torch.nn.Linear(2, 2))
+        weights.load_released_checkpoint(path, torch.nn.Linear(2, 2))
     assert not marker.exists()
 
 
@@ -198,7 +199,7 @@ def test_strict_load_names_the_differences(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(state, path)
     with pytest.raises(UserError) as error:
-        ckpt.load_released_checkpoint(path, model)
+        weights.load_released_checkpoint(path, model)
     message = str(error.value)
     assert "missing keys: 0.bias" in message
     assert "unexpected keys: label_emb.weight" in message
@@ -211,7 +212,7 @@ def test_strict_load_names_the_differences(tmp_path):
         return "imagenet64"
 
     with pytest.raises(UserError, match="--preset imagenet64"):
-        ckpt.load_released_checkpoint(path, model, suggest_preset=suggest)
+        weights.load_released_checkpoint(path, model, suggest_preset=suggest)
     assert "label_emb.weight" in seen["keys"]
 
 
@@ -222,7 +223,7 @@ def test_released_pt_and_safetensors_load_exactly(tmp_path):
     safetensors.torch.save_file(source.state_dict(), tmp_path / "model.safetensors")
     for name in ("model.pt", "model.safetensors"):
         torch.nn.init.zeros_(target.weight)
-        ckpt.load_released_checkpoint(tmp_path / name, target)
+        weights.load_released_checkpoint(tmp_path / name, target)
         assert torch.equal(target.weight, source.weight)
 
 
@@ -232,13 +233,13 @@ def test_unreadable_files_are_user_errors(tmp_path):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(good.read_bytes()[:200])
     with pytest.raises(UserError, match="cannot read"):
-        ckpt.read_state_dict(cut)
+        weights.read_state_dict(cut)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(UserError, match="cannot read"):
-        ckpt.read_state_dict(broken)
+        weights.read_state_dict(broken)
     with pytest.raises(UserError, match="does not exist"):
-        ckpt.read_state_dict(tmp_path / "missing.pt")
+        weights.read_state_dict(tmp_path / "missing.pt")
     # Random bytes and text are damaged files, not refused objects.
     noise = tmp_path / "noise.pt"
     noise.write_bytes(bytes(range(256)) * 4)
@@ -246,12 +247,12 @@ def test_unreadable_files_are_user_errors(tmp_path):
     text.write_text("hello, this is not a checkpoint")
     for path in (noise, text):
         with pytest.raises(UserError, match="cannot read") as error:
-            ckpt.read_state_dict(path)
+            weights.read_state_dict(path)
         assert "could run code" not in str(error.value)
     nested = tmp_path / "nested.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, nested)
     with pytest.raises(UserError, match="not a state dict"):
-        ckpt.read_state_dict(nested)
+        weights.read_state_dict(nested)
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):

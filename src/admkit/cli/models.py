@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 
-from admkit.checkpoint import check_state_dict, config_dir, read_config, read_state_dict
+from admkit.checkpoint import config_dir, read_config
 from admkit.cli.options import preset_flags, resolve_flags
 from admkit.compat import script_util
 from admkit.diffusion import Diffusion, DiffusionConfig
 from admkit.errors import UserError
 from admkit.presets import find_matching_preset
 from admkit.unet import EncoderUNet, SuperResUNet, UNet
+from admkit.weights import check_state_dict, read_state_dict
 
 FLAG_GROUP = {"diffusion": "model", "classifier": "classifier", "upsampler": "upsampler"}
 KIND_NAME = {
