@@ -8,12 +8,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from admkit import presets
 from admkit.checkpoint import save_checkpoint
 from admkit.cli import main
 from admkit.cli.models import build_network
 from admkit.compat import script_util
+from admkit.data import open_dataset
 
 MODEL = dict(
     image_size=8,
@@ -352,6 +354,50 @@ def test_a_checkpoint_folder_or_a_file_in_one_samples_that_checkpoint(files, tmp
     (first / "manifest.json").unlink()
     assert "not a complete admkit checkpoint" in _error(capsys, "sample", "--model", first, *out)
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_png_dir_writes_every_image_named_by_class_so_that_it_reads_back_as_data(
+    files, tmp_path, capsys
+):
+    run = run_dir(tmp_path, "named", "diffusion", MODEL, seed=11)
+    config = json.loads((run / "config.json").read_text())
+    names = config["class_names"] = ["ant", "bee", "cat", "dog", "eel"]
+    (run / "config.json").write_text(json.dumps(config))
+    folder = tmp_path / "pngs"
+    argv = ["sample", "--model", run, "--num_samples", 5, "--steps", 2, "--png_dir", folder]
+    argv += ["--class_label", 3, "--class_label", 0]
+    code, _, err = admkit(capsys, *argv, "--out", tmp_path / "s.npz")
+    assert code == 0, err
+    samples = load(tmp_path / "s.npz")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        *("ant_000001.png", "ant_000003.png"),
+        *("dog_000000.png", "dog_000002.png", "dog_000004.png"),
+    ]
+    for index, label in enumerate(samples["arr_1"]):
+        image = np.asarray(Image.open(folder / f"{names[label]}_{index:06d}.png"))
+        np.testing.assert_array_equal(image, samples["arr_0"][index])
+    data = open_dataset(folder, 8)
+    assert data.class_names == ["ant", "dog"] and sorted(data.labels) == [0, 0, 1, 1, 1]
+
+    # An existing folder is kept unless --overwrite (checked before sampling); then replaced.
+    again = [*argv, "--seed", 1, "--out", tmp_path / "t.npz"]
+    assert "--overwrite" in _error(capsys, *again)
+    assert not (tmp_path / "t.npz").exists()
+    code, _, err = admkit(capsys, *again, "--overwrite")
+    assert code == 0, err
+    replaced = np.asarray(Image.open(folder / "dog_000000.png"))
+    np.testing.assert_array_equal(replaced, load(tmp_path / "t.npz")["arr_0"][0])
+    assert not np.array_equal(replaced, samples["arr_0"][0])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # Unlabelled images are numbered only.
+    unconditional = run_dir(tmp_path, "uncond", "diffusion", {**MODEL, "class_cond": False})
+    plain = tmp_path / "plain"
+    code, _, err = admkit(
+        capsys, "sample", "--model", unconditional, "--num_samples", 2, "--steps", 2,
+        "--out", tmp_path / "u.npz", "--png_dir", plain,
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in plain.iterdir()) == ["000000.png", "000001.png"]
 
 
 def test_classifier_guidance_from_a_file_and_a_run_directory(files, tmp_path, capsys):

@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from admkit import distributed
-from admkit.checkpoint import atomic_path
+from admkit.checkpoint import atomic_path, fsync_dir
 from admkit.compilation import inductor_options
 from admkit.diffusion import Diffusion, ModelFn
 from admkit.errors import UserError
@@ -316,8 +318,21 @@ def generate(
 # Files
 
 
-def check_outputs(paths: Sequence[str | os.PathLike | None], overwrite: bool) -> None:
-    """Refuse, before any work, to replace an existing output without ``--overwrite``."""
+def check_outputs(
+    paths: Sequence[str | os.PathLike | None],
+    overwrite: bool,
+    folder: str | os.PathLike | None = None,
+) -> None:
+    """Refuse, before any work, to replace an existing output without ``--overwrite``:
+    files at ``paths`` and an image ``folder``."""
+    if folder is not None:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"{folder} is a file; give a folder for the images")
+        if os.path.exists(folder) and not overwrite:
+            raise UserError(f"{folder} already exists; pass --overwrite to replace it")
+        parent = os.path.dirname(os.path.abspath(folder))
+        if not os.path.isdir(parent):
+            raise UserError(f"cannot write {folder}: folder {parent} does not exist")
     for path in paths:
         if path is None:
             continue
@@ -364,3 +379,46 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, *, overwrite: bool = 
     """Write ``image_grid(images)`` as a PNG, atomically."""
     with atomic_path(path, overwrite=overwrite) as temporary:
         Image.fromarray(image_grid(images)).save(temporary, format="PNG")
+
+
+def save_image_folder(
+    folder: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write each image as a PNG into ``folder``, named the way admkit (and guided-diffusion)
+    read classes from file names: ``{class}_{index:06d}.png``, or ``{index:06d}.png`` without
+    labels. The class is its name from ``class_names`` where there is one, else the label; so
+    the folder serves as ``--data`` or a reference batch's source with the same classes.
+
+    The images go into a scratch folder beside ``folder`` that is renamed into place at the end:
+    an interrupted write leaves no partial folder, and an existing ``folder`` (replaced only
+    with ``overwrite``) stays whole until then.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise UserError(f"{folder} already exists; pass --overwrite to replace it")
+    scratch = folder.with_name(f".partial-{os.getpid()}-{folder.name}")
+    old = folder.with_name(f".deleting-{os.getpid()}-{folder.name}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        for index, image in enumerate(images):
+            name = f"{index:06d}.png"
+            if labels is not None:
+                label = int(labels[index])
+                known = class_names is not None and 0 <= label < len(class_names)
+                # A name holds no "_" (the class is the prefix before the first one) and no "/".
+                prefix = class_names[label] if known else str(label)
+                name = prefix.replace("_", "-").replace("/", "-") + "_" + name
+            Image.fromarray(image).save(scratch / name, format="PNG")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(scratch, folder)
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -80,6 +80,7 @@ class LoadedModel:
     num_classes: int | None  # real classes; None for an unconditional model
     cfg_null_label: int | None  # label index meaning "no class", for classifier-free guidance
     source: str
+    class_names: list[str] | None = None  # the training data's, where the run recorded them
 
 
 def _suggest(state_dict: Mapping[str, torch.Tensor]) -> str | None:
@@ -118,6 +119,7 @@ def load_model(
         flags = dict(config["flags"])
         num_classes = config.get("num_classes")
         cfg_null_label = config.get("cfg_null_label")
+        class_names = config.get("class_names")
     else:
         base = preset_flags(preset, kind) if preset else None
         flags = resolve_flags(args, group, base) if args is not None else dict(base or {})
@@ -127,12 +129,15 @@ def load_model(
         conditional = kind == "classifier" or flags.get("class_cond", False)
         num_classes = flags["num_classes"] if conditional else None
         cfg_null_label = None
+        class_names = None
     state_dict = read_state_dict(path, weights)
     network = build_network(kind, flags)
     check_state_dict(state_dict, network, str(spec), _suggest)
     network.load_state_dict(state_dict)
     # Released flags may say use_fp16; precision is chosen at sampling time (--precision) instead.
-    return LoadedModel(kind, network.eval(), flags, num_classes, cfg_null_label, str(spec))
+    return LoadedModel(
+        kind, network.eval(), flags, num_classes, cfg_null_label, str(spec), class_names
+    )
 
 
 def load_initial_weights(network: torch.nn.Module, spec: str | os.PathLike, kind: str) -> None:

@@ -36,6 +36,7 @@ from admkit.generate import (
     generate,
     network_fn,
     save_grid,
+    save_image_folder,
     save_samples,
 )
 from admkit.guidance import (
@@ -132,6 +133,13 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     )
     add("--seed", type=int, default=0, help="same seed, same images, at any batch size")
     add("--grid", default=None, metavar="PNG", help="also write a picture grid")
+    add(
+        *spellings("png_dir"),
+        default=None,
+        metavar="DIR",
+        help="also write every image as DIR/CLASS_INDEX.png (DIR/INDEX.png without labels), "
+        "named as --data reads classes",
+    )
     add("--precision", default="fp32", help=f"one of: {', '.join(PRECISIONS)} (default fp32)")
     add(
         "--compile",
@@ -329,16 +337,26 @@ def check_class_labels(args: argparse.Namespace, num_classes: int | None) -> Non
         )
 
 
-def write_outputs(args: argparse.Namespace, result, what: str) -> None:
-    """Rank 0 writes the npz (and grid) and says what it did."""
+def write_outputs(
+    args: argparse.Namespace, result, what: str, class_names: list[str] | None = None
+) -> None:
+    """Rank 0 writes the npz (and grid, and image folder) and says what it did."""
     if result.images is None:
         return
     save_samples(args.out, result.images, result.labels, overwrite=args.overwrite)
     if args.grid:
         save_grid(args.grid, result.images, overwrite=args.overwrite)
+    if args.png_dir:
+        save_image_folder(
+            args.png_dir, result.images, result.labels, class_names, overwrite=args.overwrite
+        )
     evals = " + ".join(str(n) for n in result.num_model_evals)
     shape = "x".join(str(n) for n in result.images.shape)
-    print(f"wrote {shape} samples to {args.out} ({what}; {evals} network evaluations per image)")
+    folder = f" and one PNG each into {args.png_dir}" if args.png_dir else ""
+    print(
+        f"wrote {shape} samples to {args.out}{folder} ({what}; {evals} network evaluations per "
+        "image)"
+    )
 
 
 def is_self_describing(spec: str) -> bool:
@@ -371,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
     parse_interval(args.guidance_interval)
     if args.guidance_interval and args.classifier is None and args.cfg_scale is None:
         raise UserError("--guidance_interval needs guidance: --classifier or --cfg_scale")
-    check_outputs([args.out, args.grid], args.overwrite)
+    check_outputs([args.out, args.grid], args.overwrite, args.png_dir)
     num_samples = args.num_samples or 16
 
     device = distributed.setup(distributed.select_device(args.device))
@@ -456,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
             progress=True,
         )
         what = args.sampler + (f" then {upsampler_sampler}" if upsampler else "")
-        write_outputs(args, result, what)
+        write_outputs(args, result, what, model.class_names)
     finally:
         distributed.teardown()
     return 0

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     parse_interval(args.guidance_interval)
     if args.guidance_interval and args.cfg_scale is None:
         raise UserError("--guidance_interval needs guidance: --cfg_scale")
-    check_outputs([args.out, args.grid], args.overwrite)
+    check_outputs([args.out, args.grid], args.overwrite, args.png_dir)
     images, base_labels = read_npz_images(args.base_samples)
     num_samples = args.num_samples or len(images)
 
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             progress=True,
         )
-        write_outputs(args, result, f"upsampled with {args.sampler}")
+        write_outputs(args, result, f"upsampled with {args.sampler}", upsampler.class_names)
     finally:
         distributed.teardown()
     return 0
