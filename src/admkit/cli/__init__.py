@@ -22,6 +22,7 @@ COMMANDS = {
     "train-upsampler": ("train_upsampler", "train a super-resolution diffusion model"),
     "sample": ("sample", "draw samples from a model (optionally guided, optionally cascaded)"),
     "upsample": ("upsample", "run an upsampler over base samples"),
+    "nll": ("nll", "negative log-likelihood bound in bits/dim (image_nll.py)"),
     "evaluate": ("evaluate", "Inception Score, FID, sFID, precision and recall"),
     "ref-batch": ("ref_batch", "make a reference batch for evaluate"),
     "presets": ("presets", "list the released configurations, or print one"),
