@@ -29,8 +29,9 @@ from admkit.compat import script_util  # noqa: E402
 from admkit.diffusion import Diffusion, DiffusionConfig, respace  # noqa: E402
 from admkit.generate import compiled_for_sampling, image_generators, network_fn  # noqa: E402
 from admkit.guidance import classifier_free_model  # noqa: E402
+from admkit.noise import randn  # noqa: E402
 from admkit.presets import get_preset  # noqa: E402
-from admkit.samplers import SAMPLERS, ddpm_sample, get_sampler, levels_for_steps, randn  # noqa: E402
+from admkit.samplers import SAMPLERS, ddpm_sample, get_sampler, levels_for_steps  # noqa: E402
 from admkit.step_selection import select_timesteps  # noqa: E402
 from admkit.unet import UNet  # noqa: E402
 from common import SMALL, device_name, emit, paired, reference_network, time_call  # noqa: E402

@@ -16,13 +16,13 @@ import torch
 
 from admkit.diffusion import Diffusion, DiffusionConfig, ModelMeanType, ModelVarType, respace
 from admkit.errors import UserError
+from admkit.noise import randn
 from admkit.samplers import (
     SAMPLERS,
     dpm_solver_2m_sample,
     get_sampler,
     heun_sample,
     levels_for_steps,
-    randn,
 )
 from admkit.step_selection import (
     default_step_spacing,

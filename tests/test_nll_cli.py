@@ -12,7 +12,7 @@ from admkit.cli import main
 from admkit.cli.models import build_diffusion, build_network, load_model
 from admkit.compat import script_util
 from admkit.data import open_dataset
-from admkit.generate import network_fn
+from admkit.generate import image_generators, network_fn
 from admkit.losses import calc_bpd_loop
 
 FLAGS = dict(
@@ -62,12 +62,15 @@ def _bound(run, folder, label, seed, batch_size):
     diffusion = build_diffusion(model.flags)
     data = open_dataset(folder, 8)
     images = torch.stack([data[i][0] for i in range(len(data))])
-    torch.manual_seed(seed)
     totals = []
     with torch.no_grad():
-        for batch in images.split(batch_size):
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
             y = torch.full((len(batch),), label, dtype=torch.long)
-            out = calc_bpd_loop(diffusion, model_fn, batch, model_kwargs={"y": y})
+            generators = image_generators(seed, range(start, start + len(batch)), 0)
+            out = calc_bpd_loop(
+                diffusion, model_fn, batch, model_kwargs={"y": y}, generator=generators
+            )
             totals.append(out["total_bpd"])
     return torch.cat(totals).double().mean().item()
 
@@ -84,6 +87,12 @@ def test_nll_is_the_mean_bound_with_classes_matched_by_name(tmp_path, capsys):
     assert numbers["num_images"] == 3 and numbers["num_timesteps"] == 6
     assert np.isclose(numbers["bpd"], _bound(run, folder, 1, seed=5, batch_size=2), rtol=1e-9)
     assert not np.isclose(numbers["bpd"], _bound(run, folder, 0, seed=5, batch_size=2), rtol=1e-5)
+    # Each image has its own noise, so the batch size does not change the figure.
+    one_by_one = [*argv[:-4], "--batch_size", 1, "--json", tmp_path / "one.json"]
+    assert main([str(a) for a in one_by_one]) == 0
+    alone = json.loads((tmp_path / "one.json").read_text())["bpd"]
+    assert np.isclose(alone, numbers["bpd"], rtol=1e-6)
+    assert not np.isclose(alone, _bound(run, folder, 1, seed=6, batch_size=1), rtol=1e-5)
     # The per-step terms: T of them, and their sum plus the prior term is the bound.
     with np.load(tmp_path / "t.npz") as terms:
         assert {name: terms[name].shape for name in terms.files} == {

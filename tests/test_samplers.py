@@ -14,6 +14,7 @@ import torch
 
 from admkit.diffusion import Diffusion, DiffusionConfig
 from admkit.guidance import classifier_grad_fn
+from admkit.noise import randn
 from admkit.samplers import (
     SAMPLERS,
     ddim_invert,
@@ -21,7 +22,6 @@ from admkit.samplers import (
     ddim_step,
     ddpm_sample,
     ddpm_step,
-    randn,
 )
 
 MU = torch.tensor([0.3, -0.4]).view(1, 2, 1, 1)

@@ -40,7 +40,8 @@ from admkit.compilation import inductor_options
 from admkit.diffusion import Diffusion, ModelFn
 from admkit.errors import UserError
 from admkit.guidance import CondFn
-from admkit.samplers import get_sampler, randn
+from admkit.noise import randn
+from admkit.samplers import get_sampler
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LABEL_STREAM = 0  # the generator stream of random labels; stages use 1, 2, ...

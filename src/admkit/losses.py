@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from admkit.diffusion import Diffusion, LossType, ModelFn, ModelMeanType, ModelVarType, Prediction
+from admkit.noise import Generator, randn_like
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -155,16 +156,18 @@ def calc_bpd_loop(
     *,
     clip_denoised: bool = True,
     model_kwargs: dict | None = None,
+    generator: Generator = None,
 ) -> dict[str, Tensor]:
     """The full variational bound of x_0 ``[N, C, H, W]`` in bits per dimension (§4.7).
 
     Returns ``total_bpd`` and ``prior_bpd`` ``[N]``, and per-step ``vb``, ``xstart_mse`` and
     ``mse`` (ε) ``[N, T]`` whose column 0 is t = T-1 (loop order, as the original; quirk §12.19).
+    ``generator`` (one per image, or one for all) draws the noise of each step.
     """
     vb, xstart_mse, mse = [], [], []
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x_0.shape[0],), i, device=x_0.device, dtype=torch.long)
-        noise = torch.randn_like(x_0)
+        noise = randn_like(x_0, generator)
         x_t = diffusion.q_sample(x_0, t, noise)
         output = model_fn(x_t, diffusion.model_timesteps(t), **(model_kwargs or {}))
         bpd, pred = vb_terms_bpd(diffusion, output, x_0, x_t, t, clip_denoised=clip_denoised)

@@ -48,9 +48,8 @@ from tqdm.auto import tqdm
 from admkit.diffusion import Diffusion, ModelFn
 from admkit.errors import UserError
 from admkit.guidance import CondFn, classifier_score_model, guided_mean, guided_score
+from admkit.noise import Generator, randn_like
 from admkit.step_selection import edm_sigmas
-
-Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 class Step(NamedTuple):
@@ -65,29 +64,6 @@ class Sample(NamedTuple):
 
     sample: Tensor
     num_model_evals: int
-
-
-def randn(
-    shape: Sequence[int],
-    *,
-    generator: Generator = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Standard normal noise of ``shape`` ``[N, ...]``; one generator per image when a list."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack(
-        [torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator]
-    )
-
-
-def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
-    if generator is None:
-        return torch.randn_like(x)
-    return randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _full(x: Tensor, i: int) -> Tensor:

@@ -3,9 +3,10 @@
 guided-diffusion's ``image_nll.py`` as one command: for each image the full variational bound
 (every step's KL term, the decoder's discretised likelihood at t = 0, and the prior term) by
 ``admkit.losses.calc_bpd_loop``, averaged over the first ``--num_samples`` images of ``DATA`` in
-order. Unlike the original, images are not flipped at random (its loader flips them even here),
-so the same command gives the same number. Under ``torchrun`` the images are shared between the
-processes and rank 0 prints the result.
+order. Unlike the original, images are not flipped at random (its loader flips them even here)
+and each image draws its noise from its own generator (seeded by ``--seed`` and its index), so
+the same command gives the same number whatever the batch size or the number of processes.
+Under ``torchrun`` the images are shared between the processes and rank 0 prints the result.
 
 ``--terms OUT.npz`` writes what the original writes as ``{vb,mse,xstart_mse}_terms.npz``, as
 three arrays of one file: the per-step means over the images, entry 0 at t = T-1.
@@ -28,10 +29,11 @@ from admkit.cli.training import open_training_data
 from admkit.compat.script_util import str2bool
 from admkit.data import ImageDataset
 from admkit.errors import UserError
-from admkit.generate import PRECISIONS, check_outputs, network_fn
+from admkit.generate import PRECISIONS, check_outputs, image_generators, network_fn
 from admkit.losses import calc_bpd_loop
 
 TERMS = ("vb", "mse", "xstart_mse")
+NOISE_STREAM = 0  # image i's noise at every step comes from its own generator on this stream
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -60,7 +62,7 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     add(*spellings("num_samples"), type=int, default=1000, help="images (default 1000)")
     add(*spellings("batch_size"), type=int, default=16, help="images per batch per process")
     add(*spellings("clip_denoised"), type=str2bool, default=True, help="clip x̂_0 (default True)")
-    add("--seed", type=int, default=0, help="seed of the noise drawn at each step")
+    add("--seed", type=int, default=0, help="seed of the noise (per image, as in sampling)")
     add("--precision", default="fp32", help=f"one of: {', '.join(PRECISIONS)} (default fp32)")
     add("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if there is one)")
     add("--weights", default=None, help="weights of a run or checkpoint folder: model or ema_RATE")
@@ -116,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
         )
         count = min(args.num_samples, len(data))
         mine = list(range(distributed.rank(), count, distributed.world_size()))
-        torch.manual_seed(args.seed + distributed.rank())
         sums = {name: torch.zeros(diffusion.num_timesteps, dtype=torch.float64) for name in TERMS}
         total, prior = [], []
         progress = tqdm(
@@ -124,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         )
         with torch.no_grad():
             for start in range(0, len(mine), args.batch_size):
-                batch = [data[i] for i in mine[start : start + args.batch_size]]
+                indices = mine[start : start + args.batch_size]
+                batch = [data[i] for i in indices]
                 x_0 = torch.stack([image for image, _ in batch]).to(device)
                 kwargs = {}
                 if labels_of is not None:
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
                     x_0,
                     clip_denoised=args.clip_denoised,
                     model_kwargs=kwargs,
+                    generator=image_generators(args.seed, indices, NOISE_STREAM, device),
                 )
                 for name in TERMS:
                     sums[name] += out[name].double().sum(dim=0).cpu()
