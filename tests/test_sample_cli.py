@@ -356,13 +356,40 @@ def test_a_checkpoint_folder_or_a_file_in_one_samples_that_checkpoint(files, tmp
     assert not (tmp_path / "x.npz").exists()
 
 
+NAMES = ["ant", "bee", "cat", "dog", "eel"]
+
+
+def named_run(root):
+    """A run whose config.json records its training data's class names, as training does."""
+    run = run_dir(root, "named", "diffusion", MODEL, seed=11)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "class_names": NAMES}))
+    return run
+
+
+def test_class_labels_by_name(files, tmp_path, capsys):
+    run = named_run(tmp_path)
+    common = ["sample", "--model", run, "--num_samples", 3, "--steps", 2]
+    by_number = [*common, "--class_label", 3, "--class_label", 0, "--out", tmp_path / "n.npz"]
+    by_name = [*common, "--class_label", "dog", "--class_label", "ant", "--out", tmp_path / "a.npz"]
+    for argv in (by_number, by_name):
+        code, _, err = admkit(capsys, *argv)
+        assert code == 0, err
+    numbered, named = load(tmp_path / "n.npz"), load(tmp_path / "a.npz")
+    assert named["arr_1"].tolist() == [3, 0, 3]
+    np.testing.assert_array_equal(named["arr_0"], numbered["arr_0"])
+    out = ["--out", tmp_path / "x.npz"]
+    assert "this model's classes are: ant, bee" in _error(
+        capsys, *common, "--class_label", "cow", *out
+    )
+    released = ["sample", "--model", files["released"], *RELEASED_OPTIONS, "--steps", 2]
+    assert "no class names" in _error(capsys, *released, "--class_label", "dog", *out)
+
+
 def test_png_dir_writes_every_image_named_by_class_so_that_it_reads_back_as_data(
     files, tmp_path, capsys
 ):
-    run = run_dir(tmp_path, "named", "diffusion", MODEL, seed=11)
-    config = json.loads((run / "config.json").read_text())
-    names = config["class_names"] = ["ant", "bee", "cat", "dog", "eel"]
-    (run / "config.json").write_text(json.dumps(config))
+    run, names = named_run(tmp_path), NAMES
     folder = tmp_path / "pngs"
     argv = ["sample", "--model", run, "--num_samples", 5, "--steps", 2, "--png_dir", folder]
     argv += ["--class_label", 3, "--class_label", 0]

@@ -126,10 +126,11 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         *spellings("class_label"),
-        type=int,
         action="append",
         default=None,
-        help="class to draw (repeatable, cycled); default: uniform random per image",
+        metavar="K|NAME",
+        help="class to draw, by number or by the name a run recorded (repeatable, cycled); "
+        "default: uniform random per image",
     )
     add("--seed", type=int, default=0, help="same seed, same images, at any batch size")
     add("--grid", default=None, metavar="PNG", help="also write a picture grid")
@@ -329,12 +330,33 @@ def build_stage(
     )
 
 
-def check_class_labels(args: argparse.Namespace, num_classes: int | None) -> None:
-    if args.class_label and num_classes is None:
+def requested_labels(
+    args: argparse.Namespace, num_classes: int | None, class_names: list[str] | None
+) -> list[int] | None:
+    """``--class_label`` as label numbers: a number is taken as it is, a name is looked up in
+    the class names the run recorded from its training data."""
+    if not args.class_label:
+        return None
+    if num_classes is None:
         raise UserError(
             "--class_label was given, but the model is unconditional and nothing guides it; "
             "drop --class_label or add --classifier"
         )
+    labels = []
+    for value in args.class_label:
+        if value.strip().lstrip("-").isdigit():
+            labels.append(int(value))
+        elif class_names and value in class_names:
+            labels.append(class_names.index(value))
+        elif class_names:
+            shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+            raise UserError(f"unknown class {value!r}; this model's classes are: {shown}")
+        else:
+            raise UserError(
+                f"--class_label {value!r}: this model has no class names (only runs record "
+                "them); give the label number"
+            )
+    return labels
 
 
 def write_outputs(
@@ -412,10 +434,11 @@ def run(args: argparse.Namespace) -> int:
         if len(known) > 1:
             raise UserError(f"the models disagree on the number of classes: {counts}")
         num_classes = known.pop() if known else None
-        check_class_labels(args, num_classes)
+        names = next((m.class_names for m in (model, classifier) if m and m.class_names), None)
+        requested = requested_labels(args, num_classes, names)
         labels = None
         if num_classes is not None:
-            labels = draw_labels(num_samples, num_classes, args.seed, args.class_label)
+            labels = draw_labels(num_samples, num_classes, args.seed, requested)
 
         respacing = args.timestep_respacing
         if respacing is None and preset is not None:

@@ -18,17 +18,17 @@ import numpy as np
 import torch
 
 from admkit import distributed
-from admkit.cli.models import load_model
+from admkit.cli.models import LoadedModel, load_model
 from admkit.cli.options import add_model_options, spellings
 from admkit.cli.sample import (
     STEPS_HELP,
     UPSAMPLER_STREAM,
     add_sampling_options,
     build_stage,
-    check_class_labels,
     check_sampling_options,
     choose_sampler,
     parse_interval,
+    requested_labels,
     sampler_list,
     sampling_chain,
     write_outputs,
@@ -60,12 +60,13 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     return parser
 
 
-def _labels(args, base_labels: np.ndarray | None, num_samples: int, num_classes: int | None):
-    check_class_labels(args, num_classes)
+def _labels(args, base_labels: np.ndarray | None, num_samples: int, upsampler: LoadedModel):
+    num_classes = upsampler.num_classes
+    requested = requested_labels(args, num_classes, upsampler.class_names)
     if num_classes is None:
         return None
-    if args.class_label:
-        return draw_labels(num_samples, num_classes, args.seed, args.class_label)
+    if requested:
+        return draw_labels(num_samples, num_classes, args.seed, requested)
     if base_labels is None:
         raise UserError(
             f"the upsampler is class-conditional but {args.base_samples} has no arr_1 labels; "
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.base_samples} holds {images.shape[1]}x{images.shape[2]} images, but the "
                 f"upsampler takes {small}x{small}"
             )
-        labels = _labels(args, base_labels, num_samples, upsampler.num_classes)
+        labels = _labels(args, base_labels, num_samples, upsampler)
         respacing = args.timestep_respacing
         if respacing is None and args.preset:
             respacing = get_preset(args.preset).timestep_respacing
