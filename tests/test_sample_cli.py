@@ -16,6 +16,7 @@ from admkit.cli import main
 from admkit.cli.models import build_network
 from admkit.compat import script_util
 from admkit.data import open_dataset
+from admkit.partial_samples import PartialSamples
 
 MODEL = dict(
     image_size=8,
@@ -425,6 +426,37 @@ def test_png_dir_writes_every_image_named_by_class_so_that_it_reads_back_as_data
     )  # fmt: skip
     assert code == 0, err
     assert sorted(p.name for p in plain.iterdir()) == ["000000.png", "000001.png"]
+
+
+def test_an_interrupted_job_continues_where_it_stopped(files, tmp_path, capsys, monkeypatch):
+    common = ["sample", "--model", files["cfg_run"], "--num_samples", 5, "--steps", 2]
+    common += ["--sampler", "ddim", "--cfg_scale", 2]
+    whole, cut = tmp_path / "whole.npz", tmp_path / "cut.npz"
+    code, _, err = admkit(capsys, *common, "--batch_size", 2, "--out", whole)
+    assert code == 0, err
+    # Ctrl-C after the second batch of two: four images are kept, no output is written.
+    added, keep = [], PartialSamples.add
+
+    def add_then_interrupt(self, indices, images, evals):
+        keep(self, indices, images, evals)
+        added.append(indices.tolist())
+        if len(added) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PartialSamples, "add", add_then_interrupt)
+    code, _, err = admkit(capsys, *common, "--batch_size", 2, "--out", cut)
+    assert code == 130 and "4 images are kept" in err and "rerun the same command" in err, err
+    assert not cut.exists() and added == [[0, 1], [2, 3]]
+    # Another job cannot take over the kept images; the same job continues, at any batch size,
+    # drawing only the missing image, and ends as the uninterrupted run did.
+    assert "other options" in _error(capsys, *common, "--seed", 1, "--out", cut)
+    added.clear()
+    code, _, err = admkit(capsys, *common, "--batch_size", 3, "--out", cut)
+    assert code == 0 and "4 images kept" in err, err
+    assert added == [[4]]
+    for name in ("arr_0", "arr_1"):
+        np.testing.assert_array_equal(load(cut)[name], load(whole)[name])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_classifier_guidance_from_a_file_and_a_run_directory(files, tmp_path, capsys):

@@ -41,6 +41,7 @@ from admkit.diffusion import Diffusion, ModelFn
 from admkit.errors import UserError
 from admkit.guidance import CondFn
 from admkit.noise import randn
+from admkit.partial_samples import PartialSamples
 from admkit.samplers import get_sampler
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -265,13 +266,16 @@ def generate(
     low_res: np.ndarray | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    partial: PartialSamples | None = None,
 ) -> Generated:
     """Sample ``num_samples`` images through ``stages``, ``batch_size`` at a time per process.
 
     ``labels`` ``[N]`` (one per image index) go to every stage as ``y``; ``low_res`` uint8
     ``[M, h, w, 3]`` feeds a first stage that ``takes_low_res`` (image i reads row i mod M).
-    Under ``torchrun`` each rank samples indices rank, rank + W, ... and rank 0 gathers; all
-    ranks must call this. Returns the images on rank 0 (``images`` None on the others).
+    Under ``torchrun`` the images still to draw are dealt out to the ranks in turn and rank 0
+    gathers; all ranks must call this. With ``partial``, the images it holds are not drawn again
+    and each gathered batch is added to it. Returns the images on rank 0 (``images`` None on
+    the others).
     """
     if num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {num_samples}")
@@ -282,12 +286,16 @@ def generate(
     device = torch.device(device)
     rank, world = distributed.rank(), distributed.world_size()
     main = distributed.is_main_process()
-    mine = list(range(rank, num_samples, world))
-    rounds = math.ceil(math.ceil(num_samples / world) / batch_size)
+    done = set(partial.done_indices()) if partial is not None else set()
+    remaining = [i for i in range(num_samples) if i not in done]
+    mine = remaining[rank::world]
+    rounds = math.ceil(math.ceil(len(remaining) / world) / batch_size)
     channels, height, width = stages[-1].shape
     images = np.zeros((num_samples, height, width, channels), np.uint8) if main else None
-    evals: list[int] = []
-    bar = tqdm(total=num_samples, unit="img", disable=not (progress and main))
+    evals: list[int] | tuple[int, ...] = ()
+    if done and main:
+        evals = partial.load_into(images)
+    bar = tqdm(total=num_samples, initial=len(done), unit="img", disable=not (progress and main))
     for round_index in range(rounds):
         indices = mine[round_index * batch_size : (round_index + 1) * batch_size]
         # Every rank joins every gather; a rank out of images sends padding (index -1).
@@ -308,8 +316,11 @@ def generate(
         batch, ids = distributed.all_gather_cat(batch), distributed.all_gather_cat(ids)
         if main:
             keep = ids >= 0
-            images[ids[keep].cpu().numpy()] = batch[keep].cpu().numpy()
-            bar.update(int(keep.sum()))
+            kept_ids, kept = ids[keep].cpu().numpy(), batch[keep].cpu().numpy()
+            images[kept_ids] = kept
+            if partial is not None and len(kept_ids):
+                partial.add(kept_ids, kept, tuple(evals))
+            bar.update(len(kept_ids))
     bar.close()
     label_array = labels.cpu().numpy().astype(np.int64) if labels is not None else None
     return Generated(images=images, labels=label_array, num_model_evals=tuple(evals))

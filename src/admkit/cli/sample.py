@@ -17,6 +17,9 @@ chain is ``--timestep_respacing``, else the preset's respacing, else the model's
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from typing import Any
 
 import torch
 
@@ -46,6 +49,7 @@ from admkit.guidance import (
     guidance_interval,
     zero_cond_fn,
 )
+from admkit.partial_samples import PartialSamples, file_identity, weights_identity
 from admkit.presets import get_preset
 from admkit.samplers import SAMPLER_HELP, SAMPLERS, get_sampler, levels_for_steps
 from admkit.step_selection import STEP_SPACINGS, default_step_spacing, select_timesteps
@@ -359,6 +363,52 @@ def requested_labels(
     return labels
 
 
+# What does not change the images (batch size: image i depends on (seed, i) alone), or is where
+# they go: a rerun that changes only these continues an interrupted job.
+NOT_PART_OF_THE_JOB = {"out", "grid", "png_dir", "overwrite", "batch_size", "run", "command"}
+
+
+def partial_samples(
+    args: argparse.Namespace, weights: dict[str, str | None], **inputs: Any
+) -> PartialSamples:
+    """The kept batches of this job (``admkit.partial_samples``): its options, the identity of
+    each weights argument in ``weights`` and of the files in ``inputs`` decide what job it is."""
+    options = {
+        key: value
+        for key, value in sorted(vars(args).items())
+        if key not in NOT_PART_OF_THE_JOB and not callable(value)
+    }
+    job = {
+        "options": options,
+        "weights": {name: weights_identity(spec) for name, spec in weights.items() if spec},
+        "inputs": {name: file_identity(path) for name, path in inputs.items()},
+    }
+    partial = PartialSamples(args.out, job, overwrite=args.overwrite)
+    done = len(partial.done_indices())
+    if done and distributed.is_main_process():
+        print(
+            f"admkit {args.command}: continuing an interrupted job: {done} images kept in "
+            f"{partial.folder}",
+            file=sys.stderr,
+        )
+    return partial
+
+
+@contextlib.contextmanager
+def keeping_parts_on_interrupt(args: argparse.Namespace, partial: PartialSamples):
+    """Say, when Ctrl-C stops the job, that its finished images are kept for a rerun."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if distributed.is_main_process():
+            print(
+                f"admkit {args.command}: {len(partial.done_indices())} images are kept in "
+                f"{partial.folder}; rerun the same command to continue",
+                file=sys.stderr,
+            )
+        raise
+
+
 def write_outputs(
     args: argparse.Namespace, result, what: str, class_names: list[str] | None = None
 ) -> None:
@@ -487,17 +537,23 @@ def run(args: argparse.Namespace) -> int:
                     takes_low_res=True,
                 )
             )
-        result = generate(
-            stages,
-            num_samples=num_samples,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            labels=labels,
-            device=device,
-            progress=True,
-        )
+        sources = {"model": args.model, "classifier": args.classifier, "upsampler": args.upsampler}
+        partial = partial_samples(args, sources)
+        with keeping_parts_on_interrupt(args, partial):
+            result = generate(
+                stages,
+                num_samples=num_samples,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                labels=labels,
+                device=device,
+                progress=True,
+                partial=partial,
+            )
         what = args.sampler + (f" then {upsampler_sampler}" if upsampler else "")
         write_outputs(args, result, what, model.class_names)
+        if distributed.is_main_process():
+            partial.remove()
     finally:
         distributed.teardown()
     return 0

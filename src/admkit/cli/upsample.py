@@ -27,7 +27,9 @@ from admkit.cli.sample import (
     build_stage,
     check_sampling_options,
     choose_sampler,
+    keeping_parts_on_interrupt,
     parse_interval,
+    partial_samples,
     requested_labels,
     sampler_list,
     sampling_chain,
@@ -119,17 +121,22 @@ def run(args: argparse.Namespace) -> int:
             noise_stream=UPSAMPLER_STREAM,
             takes_low_res=True,
         )
-        result = generate(
-            [stage],
-            num_samples=num_samples,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            labels=labels,
-            low_res=images,
-            device=device,
-            progress=True,
-        )
+        partial = partial_samples(args, {"upsampler": args.model}, base_samples=args.base_samples)
+        with keeping_parts_on_interrupt(args, partial):
+            result = generate(
+                [stage],
+                num_samples=num_samples,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                labels=labels,
+                low_res=images,
+                device=device,
+                progress=True,
+                partial=partial,
+            )
         write_outputs(args, result, f"upsampled with {args.sampler}", upsampler.class_names)
+        if distributed.is_main_process():
+            partial.remove()
     finally:
         distributed.teardown()
     return 0
