@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from admkit.checkpoint import atomic_path  # noqa: E402
 from admkit.cli.demo import JUDGE_STEPS, SEED  # noqa: E402
 from admkit.cli.models import LoadedModel, load_model  # noqa: E402
-from admkit.cli.sample import BASE_STREAM, sampling_chain  # noqa: E402
+from admkit.cli.sampling import BASE_STREAM, sampling_chain  # noqa: E402
 from admkit.data import digits_heldout, digits_train  # noqa: E402
 from admkit.errors import UserError  # noqa: E402
 from admkit.generate import PRECISIONS, Stage, dequantize, generate, network_fn  # noqa: E402

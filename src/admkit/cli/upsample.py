@@ -20,7 +20,7 @@ import torch
 from admkit import distributed
 from admkit.cli.models import LoadedModel, load_model
 from admkit.cli.options import add_model_options, spellings
-from admkit.cli.sample import (
+from admkit.cli.sampling import (
     STEPS_HELP,
     UPSAMPLER_STREAM,
     add_sampling_options,

@@ -1,0 +1,379 @@
+"""What ``admkit sample`` and ``admkit upsample`` share: the sampling options and their checks,
+one sampling stage from a loaded model (chain, sampler, guidance, precision), the labels asked
+for, the kept batches of an interrupted job, and the output files.
+
+``--steps K`` is a budget of network evaluations per image: ddpm, ddim, dpm++2m and dpm++2m-sde
+respace to K steps, heun to (K + 1) // 2 noise levels (2·levels - 1 evaluations). Without it the
+chain is ``--timestep_respacing``, else the preset's respacing, else the model's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Any
+
+import torch
+
+from admkit import distributed
+from admkit.cli.models import LoadedModel, build_diffusion
+from admkit.cli.options import spellings
+from admkit.compat.script_util import str2bool
+from admkit.diffusion import Diffusion, respace
+from admkit.errors import UserError
+from admkit.generate import (
+    PRECISIONS,
+    Stage,
+    compiled_for_sampling,
+    network_fn,
+    save_grid,
+    save_image_folder,
+    save_samples,
+)
+from admkit.guidance import (
+    classifier_free_model,
+    classifier_grad_fn,
+    dynamic_threshold,
+    guidance_interval,
+    zero_cond_fn,
+)
+from admkit.partial_samples import PartialSamples, file_identity, weights_identity
+from admkit.samplers import SAMPLER_HELP, SAMPLERS, get_sampler, levels_for_steps
+from admkit.step_selection import STEP_SPACINGS, default_step_spacing, select_timesteps
+
+BASE_STREAM, UPSAMPLER_STREAM = 1, 2  # generator streams of the two stages of a cascade
+ETA_SAMPLERS = ("ddim", "dpm++2m")  # the samplers that take --eta
+STEPS_HELP = """\
+--steps K is a budget of network evaluations per image: ddpm, ddim, dpm++2m and dpm++2m-sde
+respace the model to K steps, heun to (K + 1) // 2 noise levels (2 evaluations per level, 1 for
+the last).
+Without --steps the chain is --timestep_respacing, else the preset's, else the model's own.
+--step_spacing picks K levels evenly in steps (uniform, as guided-diffusion), as EDM (karras,
+rho 7) or evenly in log-SNR (logsnr); by default uniform, karras for heun, logsnr for dpm++2m
+and dpm++2m-sde."""
+
+
+def sampler_list() -> str:
+    return "\n".join(f"  {name:<9} {text}" for name, text in SAMPLER_HELP.items())
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Options every sampling command shares (SPEC §2.5)."""
+    parser.add_argument(
+        "--model",
+        *spellings("model_path"),
+        dest="model",
+        required=True,
+        help="run directory (its newest checkpoint), checkpoint folder, .safetensors or .pt "
+        "(--model_path: guided-diffusion's name)",
+    )
+    parser.add_argument("--out", required=True, metavar="OUT.npz", help="samples file to write")
+    group = parser.add_argument_group("sampling")
+    add = group.add_argument
+    add(
+        *spellings("num_samples"),
+        type=int,
+        default=None,
+        help="images to draw (default 16; upsample: one per base sample)",
+    )
+    add(*spellings("batch_size"), type=int, default=16, help="images per batch per process")
+    add("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} (default ddpm)")
+    add(
+        *spellings("use_ddim"),
+        type=str2bool,
+        default=None,
+        metavar="BOOL",
+        help="guided-diffusion's flag: True means --sampler ddim, False --sampler ddpm",
+    )
+    add("--steps", type=int, default=None, help="network evaluations per image (see above)")
+    add(
+        *spellings("step_spacing"),
+        default=None,
+        help=f"how --steps picks noise levels: {', '.join(STEP_SPACINGS)} "
+        "(default uniform; karras for heun, logsnr for dpm++2m and dpm++2m-sde)",
+    )
+    add(
+        "--eta",
+        type=float,
+        default=None,
+        help="η of ddim (default 0) or dpm++2m (default 0, the ODE; η > 0 solves the SDE, and "
+        "dpm++2m-sde is η = 1)",
+    )
+    add(*spellings("s_churn"), type=float, default=None, help="EDM's S_churn (heun only)")
+    add(*spellings("clip_denoised"), type=str2bool, default=True, help="clip x̂_0 (default True)")
+    add(
+        *spellings("dynamic_threshold"),
+        type=float,
+        default=None,
+        metavar="P",
+        help="Imagen's dynamic thresholding of x̂_0 at percentile P, e.g. 0.995",
+    )
+    add(*spellings("cfg_scale"), type=float, default=None, help="classifier-free guidance scale w")
+    add(
+        *spellings("guidance_interval"),
+        default=None,
+        metavar="LO,HI",
+        help="guide only at original steps LO..HI (e.g. 100,800)",
+    )
+    add(
+        *spellings("class_label"),
+        action="append",
+        default=None,
+        metavar="K|NAME",
+        help="class to draw, by number or by the name a run recorded (repeatable, cycled); "
+        "default: uniform random per image",
+    )
+    add("--seed", type=int, default=0, help="same seed, same images, at any batch size")
+    add("--grid", default=None, metavar="PNG", help="also write a picture grid")
+    add(
+        *spellings("png_dir"),
+        default=None,
+        metavar="DIR",
+        help="also write every image as DIR/CLASS_INDEX.png (DIR/INDEX.png without labels), "
+        "named as --data reads classes",
+    )
+    add("--precision", default="fp32", help=f"one of: {', '.join(PRECISIONS)} (default fp32)")
+    add(
+        "--compile",
+        action="store_true",
+        help="compile the network(s) with torch.compile, weights frozen (a first batch of each "
+        "shape costs ~20-60 s of compilation; falls back to eager where compiling fails)",
+    )
+    add("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if there is one)")
+    add("--weights", default=None, help="weights of a run or checkpoint folder: model or ema_RATE")
+    add("--overwrite", action="store_true", help="replace existing output files")
+
+
+def choose_sampler(args: argparse.Namespace) -> str:
+    """``--sampler``, or what guided-diffusion's ``--use_ddim`` asks for (default ddpm)."""
+    if args.use_ddim is None:
+        return args.sampler or "ddpm"
+    implied = "ddim" if args.use_ddim else "ddpm"
+    if args.sampler not in (None, implied):
+        raise UserError(
+            f"--use_ddim {args.use_ddim} means --sampler {implied}, not {args.sampler}; give one "
+            "of the two"
+        )
+    return implied
+
+
+def check_sampling_options(args: argparse.Namespace, sampler: str) -> None:
+    """Cheap checks, before any model is loaded."""
+    get_sampler(sampler)
+    if args.eta is not None and sampler not in ETA_SAMPLERS:
+        raise UserError(
+            f"--eta applies to {' and '.join(ETA_SAMPLERS)}, not {sampler}; drop it or change "
+            "--sampler"
+        )
+    if args.eta is not None and args.eta < 0:
+        raise UserError(f"--eta must be 0 or more, got {args.eta}")
+    if args.s_churn is not None and sampler != "heun":
+        raise UserError(f"--s_churn is Heun's; drop it or use --sampler heun (not {sampler})")
+    if args.s_churn is not None and args.s_churn < 0:
+        raise UserError(f"--s_churn must be 0 or more, got {args.s_churn}")
+    if args.steps is not None and args.timestep_respacing is not None:
+        raise UserError("give --steps or --timestep_respacing, not both")
+    if args.step_spacing is not None and args.step_spacing not in STEP_SPACINGS:
+        raise UserError(
+            f"unknown --step_spacing {args.step_spacing!r}; use {', '.join(STEP_SPACINGS)}"
+        )
+    if args.step_spacing not in (None, "uniform") and args.steps is None:
+        raise UserError(f"--step_spacing {args.step_spacing} needs --steps K")
+    if args.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {args.precision!r}; use {', '.join(PRECISIONS)}")
+    if args.dynamic_threshold is not None and not 0 < args.dynamic_threshold <= 1:
+        raise UserError("--dynamic_threshold is a percentile in (0, 1], e.g. 0.995")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+
+
+def parse_interval(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(
+            f"--guidance_interval {text!r}: give two step indices, e.g. 100,800"
+        ) from None
+    if not 0 <= lo <= hi:
+        raise UserError(f"--guidance_interval {text!r}: need 0 <= LO <= HI")
+    return lo, hi
+
+
+def sampling_chain(
+    flags: dict,
+    sampler: str,
+    steps: int | None,
+    spacing: str | None,
+    respacing: str | None,
+) -> tuple[Diffusion, Diffusion]:
+    """The chain to sample on, and the unrespaced chain of the model's training."""
+    base = build_diffusion(flags, "")
+    spacing = spacing or default_step_spacing(sampler)
+    if steps is not None:
+        levels = levels_for_steps(sampler, steps)
+        if levels > base.num_timesteps:
+            raise UserError(
+                f"--steps {steps} asks for {levels} steps of a {base.num_timesteps}-step model"
+            )
+        return respace(base, select_timesteps(base, levels, spacing)), base
+    return build_diffusion(flags, respacing), base
+
+
+def build_stage(
+    loaded: LoadedModel,
+    *,
+    sampler: str,
+    diffusion: Diffusion,
+    base: Diffusion,
+    args: argparse.Namespace,
+    device: torch.device,
+    noise_stream: int,
+    classifier: LoadedModel | None = None,
+    classifier_scale: float = 1.0,
+    takes_low_res: bool = False,
+) -> Stage:
+    """One sampling stage: the network as a model function with its guidance wrapped in."""
+    interval = parse_interval(args.guidance_interval)
+    network = loaded.network.to(device)
+    model_fn = network_fn(
+        compiled_for_sampling(network) if args.compile else network,
+        class_conditional=loaded.num_classes is not None,
+        precision=args.precision,
+        device=device,
+    )
+    if args.cfg_scale is not None:
+        if loaded.cfg_null_label is None:
+            raise UserError(
+                f"--cfg_scale needs a model trained with label dropout (--cfg_dropout); "
+                f"{loaded.source} has no null label"
+            )
+        guided = classifier_free_model(model_fn, args.cfg_scale, loaded.cfg_null_label)
+        model_fn = guidance_interval(guided, model_fn, base, *interval) if interval else guided
+    cond_fn = None
+    if classifier is not None:
+        # The classifier runs outside autocast: its gradient is taken in float32.
+        cond_fn = classifier_grad_fn(classifier.network.to(device), classifier_scale)
+        if interval:
+            cond_fn = guidance_interval(cond_fn, zero_cond_fn, base, *interval)
+    options: dict = {}
+    if sampler in ETA_SAMPLERS:
+        options["eta"] = args.eta or 0.0
+    if sampler == "heun":
+        options.update(s_churn=args.s_churn or 0.0, noise_levels=base)
+    size = loaded.flags["large_size"] if loaded.kind == "upsampler" else loaded.flags["image_size"]
+    return Stage(
+        model_fn=model_fn,
+        diffusion=diffusion,
+        shape=(3, size, size),
+        sampler=sampler,
+        options=options,
+        cond_fn=cond_fn,
+        clip_denoised=args.clip_denoised,
+        denoised_fn=dynamic_threshold(args.dynamic_threshold) if args.dynamic_threshold else None,
+        noise_stream=noise_stream,
+        takes_low_res=takes_low_res,
+    )
+
+
+def requested_labels(
+    args: argparse.Namespace, num_classes: int | None, class_names: list[str] | None
+) -> list[int] | None:
+    """``--class_label`` as label numbers: a number is taken as it is, a name is looked up in
+    the class names the run recorded from its training data."""
+    if not args.class_label:
+        return None
+    if num_classes is None:
+        raise UserError(
+            "--class_label was given, but the model is unconditional and nothing guides it; "
+            "drop --class_label or add --classifier"
+        )
+    labels = []
+    for value in args.class_label:
+        if value.strip().lstrip("-").isdigit():
+            labels.append(int(value))
+        elif class_names and value in class_names:
+            labels.append(class_names.index(value))
+        elif class_names:
+            shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+            raise UserError(f"unknown class {value!r}; this model's classes are: {shown}")
+        else:
+            raise UserError(
+                f"--class_label {value!r}: this model has no class names (only runs record "
+                "them); give the label number"
+            )
+    return labels
+
+
+# What does not change the images (batch size: image i depends on (seed, i) alone), or is where
+# they go: a rerun that changes only these continues an interrupted job.
+NOT_PART_OF_THE_JOB = {"out", "grid", "png_dir", "overwrite", "batch_size", "run", "command"}
+
+
+def partial_samples(
+    args: argparse.Namespace, weights: dict[str, str | None], **inputs: Any
+) -> PartialSamples:
+    """The kept batches of this job (``admkit.partial_samples``): its options, the identity of
+    each weights argument in ``weights`` and of the files in ``inputs`` decide what job it is."""
+    options = {
+        key: value
+        for key, value in sorted(vars(args).items())
+        if key not in NOT_PART_OF_THE_JOB and not callable(value)
+    }
+    job = {
+        "options": options,
+        "weights": {name: weights_identity(spec) for name, spec in weights.items() if spec},
+        "inputs": {name: file_identity(path) for name, path in inputs.items()},
+    }
+    partial = PartialSamples(args.out, job, overwrite=args.overwrite)
+    done = len(partial.done_indices())
+    if done and distributed.is_main_process():
+        print(
+            f"admkit {args.command}: continuing an interrupted job: {done} images kept in "
+            f"{partial.folder}",
+            file=sys.stderr,
+        )
+    return partial
+
+
+@contextlib.contextmanager
+def keeping_parts_on_interrupt(args: argparse.Namespace, partial: PartialSamples):
+    """Say, when Ctrl-C stops the job, that its finished images are kept for a rerun."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if distributed.is_main_process():
+            print(
+                f"admkit {args.command}: {len(partial.done_indices())} images are kept in "
+                f"{partial.folder}; rerun the same command to continue",
+                file=sys.stderr,
+            )
+        raise
+
+
+def write_outputs(
+    args: argparse.Namespace, result, what: str, class_names: list[str] | None = None
+) -> None:
+    """Rank 0 writes the npz (and grid, and image folder) and says what it did."""
+    if result.images is None:
+        return
+    save_samples(args.out, result.images, result.labels, overwrite=args.overwrite)
+    if args.grid:
+        save_grid(args.grid, result.images, overwrite=args.overwrite)
+    if args.png_dir:
+        save_image_folder(
+            args.png_dir, result.images, result.labels, class_names, overwrite=args.overwrite
+        )
+    evals = " + ".join(str(n) for n in result.num_model_evals)
+    shape = "x".join(str(n) for n in result.images.shape)
+    folder = f" and one PNG each into {args.png_dir}" if args.png_dir else ""
+    print(
+        f"wrote {shape} samples to {args.out}{folder} ({what}; {evals} network evaluations per "
+        "image)"
+    )
