@@ -286,7 +286,7 @@ def generate(
     device = torch.device(device)
     rank, world = distributed.rank(), distributed.world_size()
     main = distributed.is_main_process()
-    done = set(partial.done_indices()) if partial is not None else set()
+    done = set(partial.done) if partial is not None else set()
     remaining = [i for i in range(num_samples) if i not in done]
     mine = remaining[rank::world]
     rounds = math.ceil(math.ceil(len(remaining) / world) / batch_size)
@@ -337,18 +337,12 @@ def check_outputs(
 ) -> None:
     """Refuse, before any work, to replace an existing output without ``--overwrite``:
     files at ``paths`` and an image ``folder``."""
-    if folder is not None:
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise UserError(f"{folder} is a file; give a folder for the images")
-        if os.path.exists(folder) and not overwrite:
-            raise UserError(f"{folder} already exists; pass --overwrite to replace it")
-        parent = os.path.dirname(os.path.abspath(folder))
-        if not os.path.isdir(parent):
-            raise UserError(f"cannot write {folder}: folder {parent} does not exist")
-    for path in paths:
+    for path, is_folder in [*((path, False) for path in paths), (folder, True)]:
         if path is None:
             continue
-        if os.path.isdir(path):
+        if os.path.exists(path) and os.path.isdir(path) != is_folder:
+            if is_folder:
+                raise UserError(f"{path} is a file; give a folder for the images")
             raise UserError(f"output {path} is a folder; give a file name")
         if os.path.exists(path) and not overwrite:
             raise UserError(f"{path} already exists; pass --overwrite to replace it")

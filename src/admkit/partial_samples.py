@@ -56,7 +56,8 @@ class PartialSamples:
     """The parts of the job that writes ``output``, described by the JSON-able ``job``.
 
     A folder left by the same job is continued; one left by another job is a user error unless
-    ``overwrite`` (then it is discarded). Call on every rank.
+    ``overwrite`` (then it is discarded). ``done`` lists the image indices already drawn (read
+    once here; rank 0's ``add`` extends it). Call on every rank.
     """
 
     def __init__(self, output: str | os.PathLike, job: Mapping[str, Any], *, overwrite: bool):
@@ -77,6 +78,10 @@ class PartialSamples:
             if stored != self.job:
                 atomic_write_text(self.folder / JOB_FILE, json.dumps(self.job, indent=2) + "\n")
         barrier()
+        self.done: list[int] = []
+        for part in self._parts():
+            with np.load(part) as archive:
+                self.done.extend(archive["indices"].tolist())
 
     def _stored_job(self) -> dict[str, Any] | None:
         if not self.folder.is_dir():
@@ -88,14 +93,6 @@ class PartialSamples:
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("batch_*.npz"))
-
-    def done_indices(self) -> list[int]:
-        """The image indices already drawn, in any order."""
-        done: list[int] = []
-        for part in self._parts():
-            with np.load(part) as archive:
-                done.extend(archive["indices"].tolist())
-        return done
 
     def load_into(self, images: np.ndarray) -> tuple[int, ...]:
         """Copy the drawn images into their rows of ``images``; the evaluations per image."""
@@ -112,6 +109,7 @@ class PartialSamples:
         with atomic_path(path, overwrite=True) as temporary:
             with open(temporary, "wb") as file:
                 np.savez(file, indices=indices, images=images, evals=np.asarray(evals))
+        self.done.extend(indices.tolist())
 
     def remove(self) -> None:
         """Drop the parts once the output holds every image (rank 0)."""

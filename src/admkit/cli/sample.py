@@ -26,19 +26,16 @@ from admkit.cli.sampling import (
     build_stage,
     check_sampling_options,
     choose_sampler,
-    keeping_parts_on_interrupt,
     parse_interval,
-    partial_samples,
     requested_labels,
+    sample_and_write,
     sampler_list,
     sampling_chain,
-    write_outputs,
 )
 from admkit.errors import UserError
 from admkit.generate import (
     check_outputs,
     draw_labels,
-    generate,
 )
 from admkit.presets import get_preset
 from admkit.samplers import get_sampler
@@ -80,11 +77,6 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     return parser
 
 
-def is_self_describing(spec: str) -> bool:
-    """A run, a checkpoint folder or weights with a config.json: no model options needed."""
-    return config_dir(spec) is not None
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -94,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     upsampler_sampler = args.upsampler_sampler or args.sampler
     if args.upsampler:
         get_sampler(upsampler_sampler)
-        if args.upsampler_preset is None and not is_self_describing(args.upsampler):
+        # A run, a checkpoint folder or weights with a config.json need no options.
+        if args.upsampler_preset is None and config_dir(args.upsampler) is None:
             raise UserError(
                 f"--upsampler {args.upsampler} is a bare checkpoint: add --upsampler_preset NAME"
             )
@@ -186,23 +179,20 @@ def run(args: argparse.Namespace) -> int:
                     takes_low_res=True,
                 )
             )
-        sources = {"model": args.model, "classifier": args.classifier, "upsampler": args.upsampler}
-        partial = partial_samples(args, sources)
-        with keeping_parts_on_interrupt(args, partial):
-            result = generate(
-                stages,
-                num_samples=num_samples,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                labels=labels,
-                device=device,
-                progress=True,
-                partial=partial,
-            )
-        what = args.sampler + (f" then {upsampler_sampler}" if upsampler else "")
-        write_outputs(args, result, what, model.class_names)
-        if distributed.is_main_process():
-            partial.remove()
+        sample_and_write(
+            args,
+            stages,
+            weights={
+                "model": args.model,
+                "classifier": args.classifier,
+                "upsampler": args.upsampler,
+            },
+            what=args.sampler + (f" then {upsampler_sampler}" if upsampler else ""),
+            class_names=model.class_names,
+            num_samples=num_samples,
+            labels=labels,
+            device=device,
+        )
     finally:
         distributed.teardown()
     return 0

@@ -10,7 +10,6 @@ chain is ``--timestep_respacing``, else the preset's respacing, else the model's
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from typing import Any
 
@@ -26,6 +25,7 @@ from admkit.generate import (
     PRECISIONS,
     Stage,
     compiled_for_sampling,
+    generate,
     network_fn,
     save_grid,
     save_image_folder,
@@ -316,11 +316,22 @@ def requested_labels(
 NOT_PART_OF_THE_JOB = {"out", "grid", "png_dir", "overwrite", "batch_size", "run", "command"}
 
 
-def partial_samples(
-    args: argparse.Namespace, weights: dict[str, str | None], **inputs: Any
-) -> PartialSamples:
-    """The kept batches of this job (``admkit.partial_samples``): its options, the identity of
-    each weights argument in ``weights`` and of the files in ``inputs`` decide what job it is."""
+def sample_and_write(
+    args: argparse.Namespace,
+    stages: list[Stage],
+    *,
+    weights: dict[str, str | None],
+    inputs: dict[str, str] | None = None,
+    what: str,
+    class_names: list[str] | None,
+    **generate_options: Any,
+) -> None:
+    """Draw the job's images (``generate``), write the outputs, then drop the kept batches.
+
+    The batches are kept in ``admkit.partial_samples`` as they come, so that a rerun of an
+    interrupted job draws only what is missing; the options, the identity of each weights
+    argument in ``weights`` and of the files in ``inputs`` decide which job it is.
+    """
     options = {
         key: value
         for key, value in sorted(vars(args).items())
@@ -329,32 +340,36 @@ def partial_samples(
     job = {
         "options": options,
         "weights": {name: weights_identity(spec) for name, spec in weights.items() if spec},
-        "inputs": {name: file_identity(path) for name, path in inputs.items()},
+        "inputs": {name: file_identity(path) for name, path in (inputs or {}).items()},
     }
     partial = PartialSamples(args.out, job, overwrite=args.overwrite)
-    done = len(partial.done_indices())
-    if done and distributed.is_main_process():
+    main = distributed.is_main_process()
+    if partial.done and main:
         print(
-            f"admkit {args.command}: continuing an interrupted job: {done} images kept in "
-            f"{partial.folder}",
+            f"admkit {args.command}: continuing an interrupted job: {len(partial.done)} images "
+            f"kept in {partial.folder}",
             file=sys.stderr,
         )
-    return partial
-
-
-@contextlib.contextmanager
-def keeping_parts_on_interrupt(args: argparse.Namespace, partial: PartialSamples):
-    """Say, when Ctrl-C stops the job, that its finished images are kept for a rerun."""
     try:
-        yield
+        result = generate(
+            stages,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=True,
+            partial=partial,
+            **generate_options,
+        )
     except KeyboardInterrupt:
-        if distributed.is_main_process():
+        if main:
             print(
-                f"admkit {args.command}: {len(partial.done_indices())} images are kept in "
-                f"{partial.folder}; rerun the same command to continue",
+                f"admkit {args.command}: {len(partial.done)} images are kept in {partial.folder}; "
+                "rerun the same command to continue",
                 file=sys.stderr,
             )
         raise
+    write_outputs(args, result, what, class_names)
+    if main:
+        partial.remove()
 
 
 def write_outputs(

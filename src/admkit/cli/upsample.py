@@ -27,17 +27,15 @@ from admkit.cli.sampling import (
     build_stage,
     check_sampling_options,
     choose_sampler,
-    keeping_parts_on_interrupt,
     parse_interval,
-    partial_samples,
     requested_labels,
+    sample_and_write,
     sampler_list,
     sampling_chain,
-    write_outputs,
 )
 from admkit.data import read_npz_images
 from admkit.errors import UserError
-from admkit.generate import check_outputs, draw_labels, generate
+from admkit.generate import check_outputs, draw_labels
 from admkit.presets import get_preset
 
 
@@ -121,22 +119,18 @@ def run(args: argparse.Namespace) -> int:
             noise_stream=UPSAMPLER_STREAM,
             takes_low_res=True,
         )
-        partial = partial_samples(args, {"upsampler": args.model}, base_samples=args.base_samples)
-        with keeping_parts_on_interrupt(args, partial):
-            result = generate(
-                [stage],
-                num_samples=num_samples,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                labels=labels,
-                low_res=images,
-                device=device,
-                progress=True,
-                partial=partial,
-            )
-        write_outputs(args, result, f"upsampled with {args.sampler}", upsampler.class_names)
-        if distributed.is_main_process():
-            partial.remove()
+        sample_and_write(
+            args,
+            [stage],
+            weights={"upsampler": args.model},
+            inputs={"base_samples": args.base_samples},
+            what=f"upsampled with {args.sampler}",
+            class_names=upsampler.class_names,
+            num_samples=num_samples,
+            labels=labels,
+            low_res=images,
+            device=device,
+        )
     finally:
         distributed.teardown()
     return 0
