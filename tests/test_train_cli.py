@@ -213,19 +213,6 @@ def test_sigkill_mid_run_then_rerun_gives_bit_identical_weights(tmp_path):
     assert [r["loss"] for r in _log(run)] == [r["loss"] for r in _log(tmp_path / "reference")]
 
 
-def test_two_process_torchrun(tmp_path):
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", "-m", "admkit", *_train(run)]
-    command += ["--steps", "3", "--batch_size", "8", "--log_interval", "1", "--class_cond", "True"]
-    result = subprocess.run(command, env=_subprocess_env(), capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    assert [r["step"] for r in _log(run)] == [1, 2, 3]
-    assert _log(run)[-1]["samples"] == 24
-    assert _steps(run) == [3]
-    assert len(ckpt.read_training_state(ckpt.latest_checkpoint(run))["rng"]) == 2  # two ranks
-
-
 # -- train-classifier, train-upsampler -----------------------------------------------------------
 
 

@@ -3,8 +3,8 @@
 The model is a two-layer MLP learning a fixed linear map. The batch of step k is drawn from a
 generator seeded with k and split over the ranks, so any world size sees the same global batch
 (the contract of admkit.data's batch sources). The "noisy" loss uses every source of randomness a
-diffusion loss may use (the step generator, NumPy's and Python's global generators, dropout), so
-an exact resume has to restore them all.
+diffusion loss may use (the examples' generators, NumPy's and Python's global generators,
+dropout), so an exact resume has to restore them all.
 
 Run as a script (alone or under torchrun):
     python tests/toy_train.py --out RUN --steps 12 [--noisy] [--sleep 0.1] [--microbatch 2] ...
@@ -50,18 +50,20 @@ def toy_batches(batch_size: int, rank: int = 0, world_size: int = 1):
     return batches
 
 
-def plain_loss(model, batch, generator):
+def plain_loss(model, batch, generators):
     """Deterministic per-example squared error ``[n]``."""
     return {"loss": ((model(batch["x"]) - batch["y"]) ** 2).mean(dim=1)}
 
 
-def noisy_loss(model, batch, generator):
+def noisy_loss(model, batch, generators):
     """Squared error on noised inputs, with timesteps and importance weights."""
+    from admkit.noise import randn
+
     x = batch["x"]
     n = x.shape[0]
     # NumPy's global generator draws t, as guided-diffusion's schedule samplers do.
     t = torch.from_numpy(np.random.randint(0, T, size=n)).long()
-    noise = torch.randn(x.shape, generator=generator)
+    noise = randn(x.shape, generator=generators)  # each example's noise from its generator
     weight = torch.tensor([0.5 + random.random() for _ in range(n)])
     prediction = model(x + noise * (t[:, None] + 1) / T)
     loss = ((prediction - batch["y"]) ** 2).mean(dim=1)
@@ -94,9 +96,9 @@ def main() -> None:
     model = toy_model(dropout=0.1 if args.noisy else 0.0)
     base_loss = noisy_loss if args.noisy else plain_loss
 
-    def loss_fn(model, batch, generator):
+    def loss_fn(model, batch, generators):
         time.sleep(args.sleep)
-        return base_loss(model, batch, generator)
+        return base_loss(model, batch, generators)
 
     config = TrainConfig(
         steps=args.steps,

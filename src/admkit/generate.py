@@ -40,7 +40,7 @@ from admkit.compilation import inductor_options
 from admkit.diffusion import Diffusion, ModelFn
 from admkit.errors import UserError
 from admkit.guidance import CondFn
-from admkit.noise import randn
+from admkit.noise import derived_seed, randn, seeded_generators
 from admkit.partial_samples import PartialSamples
 from admkit.samplers import get_sampler
 
@@ -92,21 +92,17 @@ class Generated:
 
 
 def image_seed(seed: int, index: int, stream: int) -> int:
-    """A 63-bit seed for image ``index``'s generator on ``stream``, mixed by NumPy's SeedSequence
-    so that neighbouring (seed, index) pairs give unrelated streams."""
+    """A 63-bit seed for image ``index``'s generator on ``stream``."""
     if seed < 0 or index < 0 or stream < 0:
         raise ValueError(f"seed, index and stream must be non-negative, got {seed, index, stream}")
-    high, low = np.random.SeedSequence([seed, index, stream]).generate_state(2, np.uint32)
-    return ((int(high) << 32) | int(low)) & (2**63 - 1)
+    return derived_seed(seed, index, stream)
 
 
 def image_generators(
     seed: int, indices: Sequence[int], stream: int, device: torch.device | str = "cpu"
 ) -> list[torch.Generator]:
     """One ``torch.Generator`` per image index, on ``device``."""
-    return [
-        torch.Generator(device=device).manual_seed(image_seed(seed, i, stream)) for i in indices
-    ]
+    return seeded_generators((image_seed(seed, i, stream) for i in indices), device)
 
 
 def draw_labels(

@@ -1,6 +1,6 @@
 """Training objectives: the loss functions that ``admkit.train.train`` optimises.
 
-``train`` does not know what it trains; it calls ``loss_fn(model, batch, generator)`` and gets
+``train`` does not know what it trains; it calls ``loss_fn(model, batch, generators)`` and gets
 per-example terms back (``loss`` and whatever else is logged). The objectives of the three
 training commands live here, so a Python caller trains the same way the command line does.
 
@@ -15,9 +15,10 @@ Notation (guided-diffusion's, reference §4 and §6):
 | ε | ``noise`` | standard normal noise, x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε |
 | p_uncond | ``cfg_dropout`` | probability that y is replaced by the null label K |
 
-Every random number of a loss (t, ε, the label drop, the low-res noise) is drawn from the
-``generator`` that the loop derives from (seed, rank, step), in a fixed order, so a run resumed
-from a checkpoint draws exactly what the uninterrupted run drew.
+Every random number of a training example (t, ε, the label drop, the low-res noise) is drawn,
+in a fixed order, from that example's own generator, which the loop seeds by (seed, step, index
+of the example in the global batch). An example therefore draws the same numbers whichever
+process and micro-batch it lands in, and a resumed run draws what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from admkit import losses
 from admkit.data import augment_low_res, make_low_res
 from admkit.diffusion import Diffusion
+from admkit.noise import Generator, rand, randn
 from admkit.timestep_sampling import LossAwareSampler, ScheduleSampler
 
 
@@ -65,19 +67,18 @@ class DiffusionLoss:
         self.lowres_noise = lowres_noise
         self.lowres_blur = lowres_blur
 
-    def __call__(
-        self, model: torch.nn.Module, batch: Any, generator: torch.Generator
-    ) -> dict[str, Any]:
-        """Terms ``[n]``: loss, mse (and vb), weight w_t, t; batch = (x_0 [n, 3, S, S], y [n])."""
+    def __call__(self, model: torch.nn.Module, batch: Any, generators: Generator) -> dict[str, Any]:
+        """Terms ``[n]``: loss, mse (and vb), weight w_t, t; batch = (x_0 [n, 3, S, S], y [n]);
+        ``generators``: one per example (or one for all, or None for torch's global one)."""
         x_0, y = batch
         n, device = x_0.shape[0], x_0.device
         # The order of the draws is part of the contract: resumed runs replay it exactly.
-        t, weight = self.sampler.sample(n, device, rng=generator)
-        noise = torch.randn(x_0.shape, generator=generator, device=device, dtype=x_0.dtype)
+        t, weight = self.sampler.sample(n, device, rng=generators)
+        noise = randn(x_0.shape, generator=generators, device=device, dtype=x_0.dtype)
         model_kwargs = {}
         if self.class_cond:
             if self.cfg_dropout > 0:
-                drop = torch.rand(n, generator=generator, device=device) < self.cfg_dropout
+                drop = rand(n, generator=generators, device=device) < self.cfg_dropout
                 y = torch.where(drop, torch.full_like(y, self.null_label), y)
             model_kwargs["y"] = y
         if self.small_size is not None:
@@ -86,7 +87,7 @@ class DiffusionLoss:
                 low_res,
                 blur_sigma=self.lowres_blur,
                 noise_std=self.lowres_noise,
-                generator=generator,
+                generator=generators,
             )
         terms = losses.training_losses(
             self.diffusion, model, x_0, t, model_kwargs=model_kwargs, noise=noise
@@ -124,17 +125,16 @@ class ClassifierLoss:
             raise ValueError("train the classifier on the full chain, not a respaced one")
         self.diffusion = diffusion
 
-    def __call__(
-        self, model: torch.nn.Module, batch: Any, generator: torch.Generator
-    ) -> dict[str, Any]:
-        """Terms ``[n]``: loss, acc@1, acc@5 (and t); batch = (x_0 [n, 3, S, S], y [n])."""
+    def __call__(self, model: torch.nn.Module, batch: Any, generators: Generator) -> dict[str, Any]:
+        """Terms ``[n]``: loss, acc@1, acc@5 (and t); batch = (x_0 [n, 3, S, S], y [n]);
+        ``generators`` as for :class:`DiffusionLoss`."""
         x_0, y = batch
         n, device = x_0.shape[0], x_0.device
         terms: dict[str, Any] = {}
         if self.diffusion is not None:
             T = self.diffusion.num_timesteps
-            t = torch.randint(0, T, (n,), generator=generator, device=device)
-            noise = torch.randn(x_0.shape, generator=generator, device=device, dtype=x_0.dtype)
+            t = (rand(n, generator=generators, device=device, dtype=torch.float64) * T).long()
+            noise = randn(x_0.shape, generator=generators, device=device, dtype=x_0.dtype)
             x_t = self.diffusion.q_sample(x_0, t, noise)
             terms |= {"t": t, "num_timesteps": T}
         else:

@@ -8,11 +8,14 @@ mean. ``LossSecondMomentResampler`` learns p_t ∝ √E[L_t²] from the losses i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from admkit import noise
 from admkit.errors import UserError
 
 
@@ -29,16 +32,23 @@ class ScheduleSampler:
         self,
         batch_size: int,
         device: torch.device | str,
-        rng: np.random.Generator | torch.Generator | None = None,
+        rng: np.random.Generator | torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Chain indices t (int64 ``[N]``) and importance weights 1/(T p_t) (float32 ``[N]``).
 
-        Draws from ``rng``: a NumPy generator, a ``torch.Generator`` (the per-step generator of
-        ``admkit.train``, so a resumed run draws the same t), or, when None, NumPy's global
-        generator as guided-diffusion does.
+        Draws from ``rng``: one ``torch.Generator`` per example (``admkit.train`` seeds each by
+        (seed, step, example index), so t does not depend on how the batch is split), a single
+        ``torch.Generator``, a NumPy generator, or, when None, NumPy's global generator as
+        guided-diffusion does. Per example, t is the inverse CDF of p at one uniform number.
         """
         w = self.weights()
         p = w / np.sum(w)
+        if isinstance(rng, (list, tuple)):
+            u = noise.rand(batch_size, generator=rng, device=device, dtype=torch.float64)
+            cdf = torch.from_numpy(np.cumsum(p)).to(u.device)
+            indices = torch.searchsorted(cdf, u, right=True).clamp(max=len(p) - 1)
+            weights = 1 / (len(p) * torch.from_numpy(p).to(u.device)[indices])
+            return indices, weights.float()
         if isinstance(rng, torch.Generator):
             p_t = torch.from_numpy(p).to(rng.device)
             indices = torch.multinomial(p_t, batch_size, replacement=True, generator=rng)

@@ -3,14 +3,16 @@
 The loop does not know what it trains. It receives
 
 - ``model``: a ``torch.nn.Module``;
-- ``loss_fn(model, batch, generator) -> dict``: per-example terms of a micro-batch of ``n``
+- ``loss_fn(model, batch, generators) -> dict``: per-example terms of a micro-batch of ``n``
   examples. ``"loss"`` ``[n]`` is required and is what gets minimised. Optional: ``"weight"``
   ``[n]`` importance weights (the objective is the mean of ``weight * loss``; the timestep
   resampler of improved DDPM returns ``1 / (T p_t)`` here), ``"t"`` ``[n]`` integer timesteps
   with ``"num_timesteps"`` (T, an int) to log every term by timestep quartile
   ``q = floor(4 t / T)``. Every other entry is a ``[n]`` term that is only logged (``"mse"``,
-  ``"vb"``, ``"acc@1"``...). All randomness should come from ``generator``, which is derived from
-  (seed, step, rank), so that a resumed run draws the same numbers;
+  ``"vb"``, ``"acc@1"``...). ``generators`` holds one ``torch.Generator`` per example, seeded
+  by (seed, step, the example's index in the global batch): a loss that draws each example's
+  random numbers from that example's generator gives the same weights on any number of
+  processes and with any ``microbatch``, and a resumed run draws the same numbers;
 - ``batches(start_step) -> Iterator``: this process's share of the global batch of step
   ``start_step``, then of the next steps; a batch is a tensor or a (nested) tuple, list or dict
   of tensors whose first dimension is the example. The iterator is closed (when it has
@@ -41,7 +43,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,11 +58,15 @@ from admkit import checkpoint as ckpt
 from admkit import distributed as dist
 from admkit.compilation import inductor_options
 from admkit.errors import UserError
+from admkit.noise import derived_seed, seeded_generators
 from admkit.runlog import Meter, plot_losses, truncate_log
 
-LossFn = Callable[[torch.nn.Module, Any, torch.Generator], Mapping[str, Any]]
+LossFn = Callable[[torch.nn.Module, Any, Sequence[torch.Generator]], Mapping[str, Any]]
 BatchSource = Callable[[int], Iterator[Any]]
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Seed streams: the examples' generators, the per-process global generators (dropout), and the
+# examples' generators of a held-out evaluation (train-classifier --val_data).
+EXAMPLE_STREAM, GLOBAL_STREAM, EVALUATION_STREAM = 0, 1, 2
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")  # where torch's AdamW has a fused kernel
 # Options that may change when a run is resumed; any other change is refused.
 RESUMABLE = (
@@ -193,7 +199,7 @@ def forward_backward(
     batch: Any,
     *,
     microbatch: int = 0,
-    generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any]:
@@ -201,12 +207,15 @@ def forward_backward(
 
     The batch of ``N`` examples runs in micro-batches of ``microbatch`` (<= 0: all at once); each
     micro-batch's summed loss is divided by ``N``, so the gradients add up to the full batch's.
-    Under DDP only the last micro-batch all-reduces. Returns the detached terms, ``[N]`` each
-    (plus ``num_timesteps`` when given).
+    Under DDP only the last micro-batch all-reduces. ``generators`` (one per example, or None)
+    are split with the batch. Returns the detached terms, ``[N]`` each (plus ``num_timesteps``
+    when given).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     size = _num_examples(batch)
+    if generators is not None and len(generators) != size:
+        raise ValueError(f"got {len(generators)} generators for a batch of {size}")
     step = microbatch if 0 < microbatch < size else size
     device_type = next(model.parameters()).device.type
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -218,7 +227,8 @@ def forward_backward(
         defer_sync = isinstance(model, DistributedDataParallel) and start + step < size
         with model.no_sync() if defer_sync else nullcontext():
             with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-                raw = loss_fn(model, part, generator)
+                part_generators = generators[start : start + step] if generators else None
+                raw = loss_fn(model, part, part_generators)
             terms = _split_terms(raw, min(step, size - start))
             num_timesteps = raw.get("num_timesteps", num_timesteps)
             weight = terms["weight"].float() if "weight" in terms else 1.0
@@ -231,8 +241,15 @@ def forward_backward(
     return merged
 
 
-def _derived_seed(seed: int, *key: int) -> int:
-    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0])
+def example_generators(
+    seed: int,
+    step: int,
+    indices: Sequence[int],
+    device: torch.device | str = "cpu",
+    stream: int = EXAMPLE_STREAM,
+) -> list[torch.Generator]:
+    """The generators of the examples at positions ``indices`` of global batch ``step``."""
+    return seeded_generators((derived_seed(seed, step, i, stream) for i in indices), device)
 
 
 def _lr_at(config: TrainConfig, step: int) -> float:
@@ -363,7 +380,7 @@ def train(
         step, skipped_total = state["step"], state["skipped_steps"]
         say(f"resuming {run_dir} from step {step}")
     else:
-        seed = _derived_seed(config.seed, rank)
+        seed = derived_seed(config.seed, GLOBAL_STREAM, rank)
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
@@ -388,15 +405,17 @@ def train(
             plot_losses(run_dir)
         dist.barrier()
 
+    local_batch = config.batch_size // world_size
+    mine = range(rank * local_batch, (rank + 1) * local_batch)  # positions in the global batch
+
     def compute(module: torch.nn.Module, batch: Any) -> dict[str, Any]:
-        generator = torch.Generator(device).manual_seed(_derived_seed(config.seed, rank, step))
         optimizer.zero_grad(set_to_none=True)
         return forward_backward(
             module,
             loss_fn,
             batch,
             microbatch=config.microbatch,
-            generator=generator,
+            generators=example_generators(config.seed, step, mine, device),
             precision=config.precision,
             scaler=scaler,
         )
@@ -404,7 +423,6 @@ def train(
     module = _wrap(model, device, config.compile)
     compile_unproven = module is not model and config.compile
     meter, saved_at, at_boundary = Meter(), (step if latest else None), False
-    local_batch = config.batch_size // world_size
     source = iter(batches(step))
     bar = tqdm(total=config.steps, initial=step, unit="step", disable=not (progress and main))
     with dist.StopRequest() as stop:

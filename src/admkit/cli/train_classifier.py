@@ -13,7 +13,6 @@ import argparse
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import default_collate
 
@@ -24,7 +23,7 @@ from admkit.cli.options import add_model_options, preset_flags, resolve_flags, s
 from admkit.data import ImageDataset, StepBatchSampler
 from admkit.errors import UserError
 from admkit.objectives import ClassifierLoss
-from admkit.train import TrainConfig
+from admkit.train import EVALUATION_STREAM, TrainConfig, example_generators
 
 DESCRIPTION = (
     "Train a noise-aware classifier (the EncoderUNet) for classifier guidance. Rerunning the "
@@ -36,7 +35,6 @@ EPILOG = (
     "--classifier_depth 1 --classifier_attention_resolutions '' --steps 500"
 )
 VALIDATION_TERMS = ("loss", "acc@1", "acc@5")
-_VALIDATION_STREAM = 7  # keeps validation draws apart from the training generator's
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -73,9 +71,10 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
 class Validation:
     """One validation batch every ``eval_interval`` steps, averaged into the next log record.
 
-    The batch evaluated after ``step`` updates is fixed by (seed, step), and its t and noise come
-    from a generator of (seed, step, rank) apart from the training one, so validation never
-    changes what training draws. The network runs in eval mode, without gradients.
+    The batch evaluated after ``step`` updates is fixed by (seed, step), and each example's t and
+    noise come from a generator of (seed, step, its position in the batch) apart from the
+    training ones, so validation never changes what training draws and does not depend on the
+    number of processes. The network runs in eval mode, without gradients.
     """
 
     def __init__(
@@ -116,17 +115,17 @@ class Validation:
         keys = sampler.keys(step // self.eval_interval - 1)
         x_0, y = default_collate([self.dataset[key] for key in keys])
         device = next(self.network.parameters()).device
-        seed = np.random.SeedSequence(
-            self.config.seed, spawn_key=(_VALIDATION_STREAM, step, rank)
-        ).generate_state(1, np.uint64)[0]
-        generator = torch.Generator(device).manual_seed(int(seed))
+        first = rank * sampler.batch_size  # positions in the global batch, as in training
+        generators = example_generators(
+            self.config.seed, step, range(first, first + len(keys)), device, EVALUATION_STREAM
+        )
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
         was_training = self.network.training
         self.network.eval()
         try:
             with torch.no_grad(), autocast:
-                terms = self.loss_fn(self.network, (x_0.to(device), y.to(device)), generator)
+                terms = self.loss_fn(self.network, (x_0.to(device), y.to(device)), generators)
         finally:
             self.network.train(was_training)
         for i, key in enumerate(VALIDATION_TERMS):

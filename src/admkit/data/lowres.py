@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from admkit.errors import UserError
+from admkit.noise import Generator, randn
 
 
 def make_low_res(x: torch.Tensor, small_size: int) -> torch.Tensor:
@@ -60,13 +61,13 @@ def augment_low_res(
     *,
     blur_sigma: float = 0.0,
     noise_std: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
 ) -> torch.Tensor:
     """Degrade the conditioning ``[N, C, s, s]``: blur by σ_blur, then add N(0, σ_noise²) noise.
 
     Both at 0 return y unchanged. The noise is drawn from ``generator`` (on y's device), so a
     seeded generator makes the augmentation reproducible. The result is not clipped: the model
-    sees the noise as drawn.
+    sees the noise as drawn. A list of generators draws image n's noise from the n-th.
     """
     if blur_sigma < 0 or noise_std < 0:
         raise UserError(
@@ -75,6 +76,6 @@ def augment_low_res(
         )
     y = gaussian_blur(y, blur_sigma)
     if noise_std > 0:
-        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        noise = randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
         y = y + noise_std * noise
     return y
