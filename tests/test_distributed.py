@@ -68,7 +68,7 @@ def default_sigint():
 
     A process started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
     ignored, and Python then keeps SIG_IGN instead of installing its default handler: pytest
-    launched that way (as this session's fresh-clone CI runs were) starts with SIGINT ignored,
+    launched that way (as a CI script may launch it) starts with SIGINT ignored,
     StopRequest rightly puts SIG_IGN back after the first Ctrl-C, and the second one does not
     raise."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -305,8 +305,8 @@ def test_upsample_conv_of_a_half_model_rounds_its_kernels_once():
 def test_compiled_network_gives_the_eager_gradients():
     # `--compile True` training runs the network through torch.compile with admkit's Inductor
     # options (and a compile-only form of the skip path's upsampling): its gradients must be
-    # eager's. (In the fourth session, an as_strided form of the upsampling compiled, with
-    # Inductor, to gradients wrong by 4 % of their scale on this model.)
+    # eager's. (Inductor compiled an as_strided form of the upsampling, tried as a faster
+    # interleave, to gradients wrong by 4 % of their scale on this model.)
     model = tiny_unet(attention_ds=(2,))
     model.train()
     _, _, eager = gradients(model, double=False)
