@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from admkit import checkpoint as ckpt
-from admkit.cli import main
+from admkit.cli import build_parser, main
 from admkit.cli.models import load_model
 from admkit.diffusion import Diffusion
+from admkit.errors import UserError
 from admkit.objectives import ClassifierLoss, DiffusionLoss
 from admkit.timestep_sampling import LossSecondMomentResampler, UniformSampler
 
@@ -279,6 +280,34 @@ def test_classifier_loss_feeds_original_step_indices():
     assert torch.allclose(terms["loss"][1], expected)
     clean = ClassifierLoss(None)(model, (x_0, y), generator)
     assert torch.equal(seen[-1], torch.zeros(400, dtype=torch.long)) and "t" not in clean
+
+
+def test_every_model_command_takes_the_channel_mult_its_error_asks_for(tmp_path, capsys):
+    # 24 px has no default multipliers: the error names --channel_mult, which must then work.
+    argv = ["train-classifier", "--data", "digits", "--out", str(tmp_path / "clf"), *QUIET]
+    argv += ["--image_size", "24", "--classifier_width", "32", "--classifier_depth", "1"]
+    argv += ["--classifier_attention_resolutions", "6", "--steps", "1", "--batch_size", "4"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "pass --channel_mult" in error[0], error
+    assert main([*argv, "--channel_mult", "1,2,2"]) == 0
+    classifier = load_model(tmp_path / "clf", "classifier")
+    assert len(classifier.network.config.channel_mult) == 3
+    logits = classifier.network(torch.zeros(2, 3, 24, 24), torch.zeros(2, dtype=torch.long))
+    assert logits.shape == (2, 10)
+    # A bare classifier .pt at that size loads with the same option, as sample reads it.
+    bare = tmp_path / "clf.pt"
+    torch.save(ckpt.read_weights(ckpt.latest_checkpoint(tmp_path / "clf")), bare)
+    options = ["--image_size", "24", "--classifier_width", "32", "--classifier_depth", "1"]
+    options += ["--classifier_attention_resolutions", "6", "--num_classes", "10"]
+    parser = build_parser()
+    args = parser.parse_args(["sample", "--model", "m", "--out", "o.npz", *options])
+    with pytest.raises(UserError, match="pass --channel_mult"):
+        load_model(bare, "classifier", args)
+    args = parser.parse_args(
+        ["sample", "--model", "m", "--out", "o.npz", *options, "--channel_mult", "1,2,2"]
+    )
+    assert load_model(bare, "classifier", args).num_classes == 10
 
 
 def test_train_upsampler_runs(tmp_path):

@@ -22,10 +22,16 @@ def _upsampler_defaults() -> dict[str, Any]:
     return {**script_util.sr_model_and_diffusion_defaults(), "channel_mult": ""}
 
 
+def _classifier_defaults() -> dict[str, Any]:
+    # Beyond the original, a classifier's channel_mult may be given too (sizes without a
+    # default); "" keeps the table of the image size.
+    return {**script_util.classifier_and_diffusion_defaults(), "channel_mult": ""}
+
+
 # groups of flags, each with guided-diffusion's defaults
 FLAG_GROUPS = {
     "model": script_util.model_and_diffusion_defaults,
-    "classifier": script_util.classifier_and_diffusion_defaults,
+    "classifier": _classifier_defaults,
     "upsampler": _upsampler_defaults,
 }
 

@@ -7,7 +7,8 @@ switches by changing one import. Beyond the original, and without changing what 
   works when it is given; sizes 8, 16 and 32 have defaults (see ``admkit.unet``);
 * ``attention_resolutions`` may be "" (no attention except the middle block) or a tuple;
 * every factory takes a keyword ``num_classes`` (default ``NUM_CLASSES``) for data sets that do
-  not have 1000 classes; ``sr_create_model`` also takes ``channel_mult`` for other sizes;
+  not have 1000 classes; ``sr_create_model`` and ``create_classifier`` also take ``channel_mult``
+  for other sizes;
 * ``add_dict_to_argparser`` also registers the dashed spelling of each flag.
 
 ``model_config``, ``classifier_config`` and ``sr_model_config`` turn a flag dict into the
@@ -152,7 +153,11 @@ def model_config(flags: Mapping[str, Any]) -> UNetConfig:
 
 
 def classifier_config(flags: Mapping[str, Any]) -> EncoderUNetConfig:
-    """The EncoderUNetConfig of ``create_classifier(**flags)`` (classifier_defaults keys)."""
+    """The EncoderUNetConfig of ``create_classifier(**flags)`` (classifier_defaults keys).
+
+    Beyond the original, ``flags["channel_mult"]`` may set the trunk's multipliers (sizes without
+    a default); unset or "", the table of the image size applies, as in guided-diffusion.
+    """
     image_size = flags["image_size"]
     return EncoderUNetConfig(
         image_size=image_size,
@@ -163,7 +168,7 @@ def classifier_config(flags: Mapping[str, Any]) -> EncoderUNetConfig:
         attention_ds=attention_ds_from_resolutions(
             image_size, _ints(flags["classifier_attention_resolutions"])
         ),
-        channel_mult=default_channel_mult(image_size),
+        channel_mult=_channel_mult(flags.get("channel_mult", ""), image_size),
         use_fp16=flags["classifier_use_fp16"],
         num_head_channels=64,  # fixed in the original, not a flag
         use_scale_shift_norm=flags["classifier_use_scale_shift_norm"],
@@ -230,6 +235,7 @@ def create_classifier(
     classifier_pool,
     *,
     num_classes=NUM_CLASSES,
+    channel_mult="",
 ) -> EncoderUNet:
     """The noise-aware classifier for guided-diffusion's classifier flags."""
     return EncoderUNet(classifier_config(locals()))
@@ -326,6 +332,7 @@ def create_classifier_and_diffusion(
     rescale_learned_sigmas,
     *,
     num_classes=NUM_CLASSES,
+    channel_mult="",
 ):
     """``(create_classifier(...), create_gaussian_diffusion(...))``."""
     flags = locals()
