@@ -13,6 +13,7 @@ from admkit.guidance import (
     classifier_score_model,
     dynamic_threshold,
     guidance_interval,
+    guided_by_model,
     original_steps,
     zero_cond_fn,
 )
@@ -110,6 +111,95 @@ def test_cfg_at_one_samples_the_conditional_model_and_at_zero_the_unconditional(
     torch.testing.assert_close(
         run(classifier_free_model(model, 0.0, null), y), run(model, torch.full_like(y, null))
     )
+
+
+# -- guidance by a second model (autoguidance) ---------------------------------------------------
+
+
+def test_model_guidance_interpolates_the_means_and_keeps_the_main_variance():
+    main, guide = LabelModel(), LabelModel(label_in_variance=False)
+
+    def smaller(x, t, **kwargs):  # a guide of another kind: no variance channels, other mean
+        return 0.5 * guide(x, t, **kwargs)[:, :2]
+
+    x, t = torch.randn(3, 2, 4, 4), torch.tensor([5, 6, 7])
+    y, low_res = torch.tensor([0, 2, 1]), torch.randn(3, 2, 2, 2)
+    d_1, d_0 = main(x, t, y=y), smaller(x, t, y=y)
+    for w, expected in [(1.0, d_1[:, :2]), (0.0, d_0), (2.5, d_0 + 2.5 * (d_1[:, :2] - d_0))]:
+        main.calls.clear()
+        guide.calls.clear()
+        out = guided_by_model(main, smaller, w)(x, t, y=y, low_res=low_res)
+        # w = 1 is the main model bit for bit, w = 0 the guide; elsewhere the line through both.
+        torch.testing.assert_close(out[:, :2], expected, atol=0 if w in (0, 1) else 1e-5, rtol=0)
+        assert torch.equal(out[:, 2:], d_1[:, 2:])  # learned variance: the main model's
+        for calls in (main.calls, guide.calls):  # both saw the same labels and inputs
+            assert len(calls) == 1 and torch.equal(calls[0]["y"], y)
+            assert torch.equal(calls[0]["low_res"], low_res)
+
+
+def _eps_believing(mean, std):
+    """E[ε | x_t] of a denoiser that takes the data for N(mean, std²): a model whose error is
+    of this kind (here: too wide, as a model trained for less long is)."""
+
+    def eps(x, t_model, **_):
+        a2 = ALPHA_BAR[t_model].double().view(-1, 1, 1, 1)
+        a, b = a2.sqrt(), (1 - a2).sqrt()
+        return (b / (a2 * std.double() ** 2 + b**2) * (x.double() - a * mean.double())).float()
+
+    return eps
+
+
+def _output_law(name: str, model_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offset, gain) per dimension: a deterministic solver maps x_T to offset + gain·x_T when
+    the model is linear in x_t, so two starting points give the law of every sample."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).view(2, 2, 1, 1)
+    out = get_sampler(name)(chain(name, 50), model_fn, x, clip_denoised=False).sample.view(2, 2)
+    return out[0].double(), (out[1] - out[0]).double()
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm++2m", "heun"])
+def test_a_guide_with_a_larger_error_of_the_same_kind_corrects_the_model(name):
+    # The model is 20% too wide and 0.1 off in mean; the guide makes the same errors, doubled.
+    main = _eps_believing(MU + 0.1, S * 1.2)
+    guide = _eps_believing(MU + 0.2, S * 1.44)
+
+    reference_offset, reference_gain = _output_law(name, optimal_eps)
+
+    def error(model_fn) -> float:
+        # x_T ~ N(0, 1) gives samples ~ N(offset, gain²): compare with what the solver gives for
+        # the exact denoiser, so that only the model's error is measured, not the solver's.
+        offset, gain = _output_law(name, model_fn)
+        mean_error = (offset - reference_offset).abs().max()
+        std_error = (gain.abs() / reference_gain.abs() - 1).abs().max()
+        return max(mean_error.item(), std_error.item())
+
+    unguided = error(main)
+    assert unguided > 0.09
+    assert error(guided_by_model(main, guide, 1.0)) == unguided
+    # D_w = D_0 + w (D_1 - D_0) cancels the first-order error at w = 2.
+    assert error(guided_by_model(main, guide, 2.0)) < 0.25 * unguided
+    assert error(guided_by_model(main, guide, 1.5)) < 0.7 * unguided
+    assert error(guided_by_model(main, guide, 0.5)) > unguided  # towards the guide: worse
+
+
+def test_model_guidance_composes_with_classifier_guidance_and_the_interval():
+    main, guide = _eps_believing(MU, S * 1.2), _eps_believing(MU, S * 1.5)
+    g = torch.tensor([0.7, -1.3]).view(1, 2, 1, 1)
+
+    def constant(x, t_model, **_):
+        return g.expand_as(x)
+
+    x, t = torch.randn(3, 2, 1, 1), torch.tensor([999, 473, 10])
+    guided = guided_by_model(main, guide, 3.0)
+    # Classifier guidance through the score shifts the guided ε̂ by √(1 - ᾱ_t) g.
+    shift = (1 - ALPHA_BAR[t]).sqrt().float().view(-1, 1, 1, 1) * g
+    both = classifier_score_model(guided, constant, BASE)(x, t)
+    torch.testing.assert_close(both, guided(x, t) - shift)
+    # Inside [100, 500] the guided model, outside it the main model, image by image.
+    limited = guidance_interval(guided, main, BASE, 100, 500)(x, t)
+    torch.testing.assert_close(limited[1:2], guided(x, t)[1:2])
+    torch.testing.assert_close(limited[[0, 2]], main(x, t)[[0, 2]])
+    assert not torch.allclose(guided(x, t)[[0, 2]], main(x, t)[[0, 2]])
 
 
 # -- classifier guidance through the score -------------------------------------------------------

@@ -20,6 +20,9 @@ Guidance that changes the model itself is a wrapper too; wrappers compose:
 
 * ``classifier_free_model`` (Ho & Salimans 2022): ε̂ = ε̂_∅ + w (ε̂_y - ε̂_∅), w the CFG scale, ∅
   the null label, both branches in one batch;
+* ``guided_by_model``: D = D_0 + w (D_1 - D_0) with a second network D_0, the guide:
+  autoguidance (Karras et al. 2024) when D_0 is a weaker version of the model D_1 (smaller, or
+  trained for less long), EDM2's classifier-free guidance when D_0 is an unconditional network;
 * ``guidance_interval``: guide only while the original step lies in [t_lo, t_hi];
 * ``dynamic_threshold`` (Imagen): a ``denoised_fn`` that rescales x̂_0 into [-1, 1].
 
@@ -27,6 +30,7 @@ Guidance that changes the model itself is a wrapper too; wrappers compose:
 | --- | --- | --- |
 | g | gradient | s·∇_{x_t} log p_φ(y given x_t), from ``cond_fn`` |
 | w | scale | classifier-free guidance scale (1: the conditional model, 0: the unconditional) |
+| D_1, D_0 | model_fn, guide_fn | the guided model and its guide (a second network) |
 | ∅ | null_label | the label index a model trained with label dropout reads as "no class" |
 | p | percentile | dynamic thresholding quantile of abs(x̂_0) |
 """
@@ -170,6 +174,28 @@ def classifier_free_model(model_fn: ModelFn, scale: float, null_label: int) -> M
         # torch.lerp returns its end point exactly at weight 1, its start exactly at weight 0.
         mean = torch.lerp(unconditional[:, :c], conditional[:, :c], scale)
         return torch.cat([mean, conditional[:, c:]], dim=1)
+
+    return guided
+
+
+def guided_by_model(model_fn: ModelFn, guide_fn: ModelFn, scale: float) -> ModelFn:
+    """Guidance by a second network: mean channels D_0 + w (D_1 - D_0) (Karras et al. 2024).
+
+    ``model_fn`` (D_1) and ``guide_fn`` (D_0) are called on the same x_t, timesteps and keyword
+    arguments (a guide that ignores labels, being unconditional, drops ``y`` itself). Both must
+    predict the same quantity, ε̂ or x̂_0, of the same chain: the combination is then the same
+    on either, since ε̂ is affine in x̂_0 at fixed x_t. The result is a linear interpolation,
+    exact at w = 1 (D_1) and w = 0 (D_0); w > 1 extrapolates away from the guide's errors.
+    Learned-variance channels come from D_1; the guide's, if any, are not used.
+    """
+
+    def guided(x: Tensor, t_model: Tensor, **model_kwargs: object) -> Tensor:
+        c = x.shape[1]
+        main = model_fn(x, t_model, **model_kwargs).float()
+        guide = guide_fn(x, t_model, **model_kwargs).float()
+        # torch.lerp returns its end point exactly at weight 1, its start exactly at weight 0.
+        mean = torch.lerp(guide[:, :c], main[:, :c], scale)
+        return torch.cat([mean, main[:, c:]], dim=1)
 
     return guided
 

@@ -24,6 +24,8 @@ from admkit.cli.sampling import (
     UPSAMPLER_STREAM,
     add_sampling_options,
     build_stage,
+    check_guide,
+    check_guide_options,
     check_sampling_options,
     choose_sampler,
     parse_interval,
@@ -72,6 +74,26 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
         default=None,
         help="upsampler's --steps (default: --steps)",
     )
+    group = parser.add_argument_group(
+        "guidance by a second model (autoguidance; EDM2-style CFG with an unconditional guide)"
+    )
+    add = group.add_argument
+    add(
+        *spellings("guide_model"),
+        default=None,
+        metavar="G",
+        help="guide network (as --model): D = D_G + W (D_M - D_G) on the mean; a weaker version "
+        "of the model (an earlier checkpoint, a smaller run) is autoguidance",
+    )
+    add(
+        *spellings("guide_scale"),
+        type=float,
+        default=None,
+        metavar="W",
+        help="guidance weight W (1: the model alone, the guide is not run; typically 1.5-3)",
+    )
+    add(*spellings("guide_weights"), default=None, help="the guide's weights (as --weights)")
+    add(*spellings("guide_preset"), default=None, help="preset of a released guide .pt")
     add_model_options(parser, "model", "classifier")
     parser.set_defaults(run=run)
     return parser
@@ -100,9 +122,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--classifier_scale needs a classifier: add --classifier C")
     if classifier_scale is None:
         classifier_scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0
+    check_guide_options(args)
     parse_interval(args.guidance_interval)
-    if args.guidance_interval and args.classifier is None and args.cfg_scale is None:
-        raise UserError("--guidance_interval needs guidance: --classifier or --cfg_scale")
+    if args.guidance_interval and not (args.classifier or args.cfg_scale or args.guide_model):
+        raise UserError(
+            "--guidance_interval needs guidance: --classifier, --cfg_scale or --guide_model"
+        )
     check_outputs([args.out, args.grid], args.overwrite, args.png_dir)
     num_samples = args.num_samples or 16
 
@@ -115,13 +140,24 @@ def run(args: argparse.Namespace) -> int:
         upsampler = None
         if args.upsampler:
             upsampler = load_model(args.upsampler, "upsampler", None, preset=args.upsampler_preset)
+        guide = None
+        if args.guide_model:
+            guide = load_model(
+                args.guide_model,
+                "diffusion",
+                args,
+                weights=args.guide_weights,
+                preset=args.guide_preset or args.preset,
+            )
+            check_guide(model, guide)
 
         if classifier and classifier.flags["image_size"] != model.flags["image_size"]:
             raise UserError(
                 f"the classifier takes {classifier.flags['image_size']}px images but the model "
                 f"makes {model.flags['image_size']}px ones"
             )
-        counts = {m.source: m.num_classes for m in (model, classifier, upsampler) if m}
+        loaded = (model, classifier, upsampler, guide)
+        counts = {m.source: m.num_classes for m in loaded if m}
         known = {k for k in counts.values() if k is not None}
         if len(known) > 1:
             raise UserError(f"the models disagree on the number of classes: {counts}")
@@ -149,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
                 noise_stream=BASE_STREAM,
                 classifier=classifier,
                 classifier_scale=classifier_scale,
+                guide=guide,
+                guide_scale=args.guide_scale if guide is not None else 1.0,
             )
         ]
         if upsampler is not None:
@@ -186,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
                 "model": args.model,
                 "classifier": args.classifier,
                 "upsampler": args.upsampler,
+                "guide_model": args.guide_model,
             },
             what=args.sampler + (f" then {upsampler_sampler}" if upsampler else ""),
             class_names=model.class_names,

@@ -19,7 +19,7 @@ from admkit import distributed
 from admkit.cli.models import LoadedModel, build_diffusion
 from admkit.cli.options import spellings
 from admkit.compat.script_util import str2bool
-from admkit.diffusion import Diffusion, respace
+from admkit.diffusion import Diffusion, ModelFn, respace
 from admkit.errors import UserError
 from admkit.generate import (
     PRECISIONS,
@@ -36,6 +36,7 @@ from admkit.guidance import (
     classifier_grad_fn,
     dynamic_threshold,
     guidance_interval,
+    guided_by_model,
     zero_cond_fn,
 )
 from admkit.partial_samples import PartialSamples, file_identity, weights_identity
@@ -192,6 +193,19 @@ def check_sampling_options(args: argparse.Namespace, sampler: str) -> None:
         raise UserError(f"--seed must be 0 or more, got {args.seed}")
 
 
+def check_guide_options(args: argparse.Namespace) -> None:
+    """The guide-model options go together, and not with classifier-free guidance."""
+    if (args.guide_model is None) != (args.guide_scale is None):
+        raise UserError("guidance by a second model needs both --guide_model G and --guide_scale W")
+    if args.guide_model is None and (args.guide_weights or args.guide_preset):
+        raise UserError("--guide_weights and --guide_preset describe a guide: add --guide_model G")
+    if args.guide_model is not None and args.cfg_scale is not None:
+        raise UserError(
+            "--cfg_scale and --guide_model both replace the model's mean; use one (an "
+            "unconditional --guide_model is classifier-free guidance with a separate network)"
+        )
+
+
 def parse_interval(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -226,6 +240,40 @@ def sampling_chain(
     return build_diffusion(flags, respacing), base
 
 
+# What a guide model must share with the model it guides, so that their outputs are the same
+# quantity at the same noise level: (flag, what it is called in the error).
+GUIDE_MUST_MATCH = (
+    ("image_size", "image size"),
+    ("diffusion_steps", "diffusion steps"),
+    ("noise_schedule", "noise schedule"),
+    ("predict_xstart", "predict_xstart (what the network predicts)"),
+    ("rescale_timesteps", "rescale_timesteps (how the network reads t)"),
+)
+
+
+def check_guide(model: LoadedModel, guide: LoadedModel) -> None:
+    """Refuse a guide whose outputs do not mean what the model's do, naming both."""
+    for flag, what in GUIDE_MUST_MATCH:
+        mine, theirs = model.flags.get(flag), guide.flags.get(flag)
+        if mine != theirs:
+            raise UserError(
+                f"the guide model {guide.source} has {what} {theirs!r} but the model "
+                f"{model.source} has {mine!r}; a guide must share the model's image size and "
+                "noise schedule"
+            )
+
+
+def model_fn_of(loaded: LoadedModel, args: argparse.Namespace, device: torch.device) -> ModelFn:
+    """A loaded network as a model function, compiled with ``--compile``."""
+    network = loaded.network.to(device)
+    return network_fn(
+        compiled_for_sampling(network) if args.compile else network,
+        class_conditional=loaded.num_classes is not None,
+        precision=args.precision,
+        device=device,
+    )
+
+
 def build_stage(
     loaded: LoadedModel,
     *,
@@ -237,17 +285,19 @@ def build_stage(
     noise_stream: int,
     classifier: LoadedModel | None = None,
     classifier_scale: float = 1.0,
+    guide: LoadedModel | None = None,
+    guide_scale: float = 1.0,
     takes_low_res: bool = False,
 ) -> Stage:
-    """One sampling stage: the network as a model function with its guidance wrapped in."""
+    """One sampling stage: the network as a model function with its guidance wrapped in.
+
+    A ``guide`` at ``guide_scale`` 1 is the model itself: it is not evaluated at all.
+    """
     interval = parse_interval(args.guidance_interval)
-    network = loaded.network.to(device)
-    model_fn = network_fn(
-        compiled_for_sampling(network) if args.compile else network,
-        class_conditional=loaded.num_classes is not None,
-        precision=args.precision,
-        device=device,
-    )
+    model_fn = model_fn_of(loaded, args, device)
+    if guide is not None and guide_scale != 1:
+        guided = guided_by_model(model_fn, model_fn_of(guide, args, device), guide_scale)
+        model_fn = guidance_interval(guided, model_fn, base, *interval) if interval else guided
     if args.cfg_scale is not None:
         if loaded.cfg_null_label is None:
             raise UserError(
