@@ -12,12 +12,17 @@ A run directory (SPEC §2.2)::
           ema_0.9999.safetensors
           state.pt           training state, tensors and plain values only (torch.save)
           manifest.json      written last: the step and the name and size of every file above
+          phema_0.04.safetensors   written later by ``admkit ema``: not in the manifest
+      snapshots/             with --phema: the tracked power-function EMAs every N steps
+        step_000500.safetensors    every profile's parameters as "SIGMA_REL/NAME", its step and
+                                   the σ_rel and γ of each profile in the safetensors metadata
 
 A checkpoint is written into ``checkpoints/.partial-*``: each file flushed and fsynced, the manifest
 last, the folder fsynced; then the folder is renamed to ``step_NNNNNN`` and ``checkpoints/`` is
 fsynced. That rename is the commit: a crash at any instant leaves either the finished checkpoint or
 none at all beside the previous ones, and a reader only accepts a ``step_*`` folder whose manifest
-lists files that are all there with their sizes. Only rank 0 writes.
+lists files that are all there with their sizes. Only rank 0 writes. A snapshot is one file, made
+atomically (:func:`atomic_path`); ``--keep`` never removes one, ``--overwrite`` removes them all.
 
 Loading never unpickles code: ``.pt`` files go through ``torch.load(weights_only=True)`` and
 weights otherwise live in safetensors files.
@@ -46,9 +51,13 @@ CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 PLOT_NAME = "loss.png"
 CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "snapshots"
+# Weights files that ``admkit ema`` adds to a checkpoint folder after it was committed.
+ADDED_WEIGHTS = "phema_*.safetensors"
 MANIFEST = "manifest.json"
 STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_SNAPSHOT_FILE = re.compile(r"^step_(\d+)\.safetensors$")
 # Folders a crashed writer may leave behind; never read, removed by the next writer.
 _SCRATCH_PREFIXES = (".partial-", ".deleting-")
 
@@ -131,6 +140,7 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _clear_run_files(run_dir: Path) -> None:
     # Only what a run writes is removed: --overwrite on a folder holding other files keeps them.
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(run_dir / SNAPSHOTS, ignore_errors=True)
     for name in (CONFIG_NAME, LOG_NAME, PLOT_NAME):
         (run_dir / name).unlink(missing_ok=True)
 
@@ -325,20 +335,28 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     return removed
 
 
-def weight_names(checkpoint: str | os.PathLike) -> list[str]:
-    """The weights a checkpoint holds, in the order they were saved (``model`` first)."""
+def weight_names(checkpoint: str | os.PathLike, *, added: bool = True) -> list[str]:
+    """The weights a checkpoint holds, in the order they were saved (``model`` first), then
+    (``added``) the post-hoc EMAs ``admkit ema`` put in its folder afterwards (sorted)."""
     manifest = _read_manifest(Path(checkpoint))
     if manifest is None:
         raise UserError(f"{checkpoint} is not a complete admkit checkpoint")
-    return list(manifest["weights"])
+    names = list(manifest["weights"])
+    if not added:
+        return names
+    added = sorted(path.stem for path in Path(checkpoint).glob(ADDED_WEIGHTS))
+    return names + [name for name in added if name not in names]
 
 
 def read_weights(checkpoint: str | os.PathLike, name: str = "model") -> dict[str, torch.Tensor]:
-    """One state dict of a checkpoint folder (``model`` or ``ema_RATE``), on the CPU."""
+    """One state dict of a checkpoint folder (``model``, ``ema_RATE``, ``phema_S``), on the CPU."""
     names = weight_names(checkpoint)
     if name not in names:
         raise UserError(f"{checkpoint} has no weights {name!r}; it has {', '.join(names)}")
-    return safetensors.torch.load_file(Path(checkpoint) / f"{name}.safetensors")
+    try:
+        return safetensors.torch.load_file(Path(checkpoint) / f"{name}.safetensors")
+    except Exception as error:  # an added file is not covered by the manifest's sizes
+        raise UserError(f"cannot read {name}.safetensors in {checkpoint} ({error})") from None
 
 
 def read_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -365,6 +383,14 @@ def run_weights(run_dir: str | os.PathLike, name: str | None = None) -> dict[str
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise UserError(f"{run_dir} has no complete checkpoint yet; train it first")
+    if name is not None and name not in weight_names(checkpoint):
+        # Post-hoc EMAs live in the checkpoint of the step they were made for, maybe an older one.
+        older = [c for c in list_checkpoints(run_dir)[:-1] if name in weight_names(c)]
+        if older:
+            raise UserError(
+                f"the newest checkpoint of {run_dir} ({checkpoint.name}) has no weights {name!r}; "
+                f"{older[-1].name} has: pass --model {older[-1]} --weights {name}"
+            )
     return checkpoint_weights(checkpoint, name)
 
 
@@ -388,6 +414,55 @@ def config_dir(path: str | os.PathLike) -> Path | None:
     if (path.parent / CONFIG_NAME).exists():
         return path.parent
     return path.parent.parent.parent if is_checkpoint_folder(path.parent) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots of the power-function EMAs (--phema), for post-hoc EMA
+
+
+def snapshot_step(path: str | os.PathLike) -> int:
+    """The number of optimizer steps a snapshot file holds (from its ``step_N`` name)."""
+    match = _SNAPSHOT_FILE.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a snapshot file (step_N.safetensors)")
+    return int(match.group(1))
+
+
+def list_snapshots(run_dir: str | os.PathLike) -> list[Path]:
+    """The snapshot files of a run, oldest first."""
+    folder = Path(run_dir) / SNAPSHOTS
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _SNAPSHOT_FILE.match(p.name)), key=snapshot_step)
+
+
+def write_snapshot(
+    run_dir: str | os.PathLike,
+    step: int,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+) -> Path:
+    """Write ``snapshots/step_{step}.safetensors`` atomically (call on rank 0 only); one left by a
+    run that crashed before its next checkpoint is replaced: the resumed run recomputes it."""
+    folder = Path(run_dir) / SNAPSHOTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:06d}.safetensors"
+    with atomic_path(path, overwrite=True) as temporary:
+        safetensors.torch.save_file(dict(tensors), temporary, metadata=dict(metadata))
+    return path
+
+
+def drop_snapshots_after(run_dir: str | os.PathLike, step: int) -> None:
+    """Remove the snapshots past ``step`` (and a killed writer's leftovers), so a run resumed
+    from ``step`` reads as one uninterrupted run; it writes them again as it goes."""
+    folder = Path(run_dir) / SNAPSHOTS
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.name.startswith(_SCRATCH_PREFIXES) or (
+            _SNAPSHOT_FILE.match(path.name) and snapshot_step(path) > step
+        ):
+            path.unlink()
 
 
 # --------------------------------------------------------------------------------------------

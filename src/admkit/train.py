@@ -29,6 +29,8 @@ k (k = 0, 1, ... optimizer steps done), η the base rate, K = ``lr_anneal_steps`
 
     η_k = η (1 - k / K)              (linear annealing, set before step k; η_k = η when K = 0)
     θ̄_r <- r θ̄_r + (1 - r) θ         (after every applied step, θ̄_r kept in float32)
+    θ̂_γ <- β_t θ̂_γ + (1 - β_t) θ     (--phema: after every step t = 1, 2, ..., applied or not;
+                                      β_t = (1 - 1/t)^(γ+1), see admkit.phema)
 
 Two places where guided-diffusion's TrainLoop is not followed, on purpose: micro-batch gradients
 are averaged, so any ``microbatch`` gives the gradient of the full batch (the original sums
@@ -59,6 +61,7 @@ from admkit import distributed as dist
 from admkit.compilation import inductor_options
 from admkit.errors import UserError
 from admkit.noise import derived_seed, seeded_generators
+from admkit.phema import MAX_SIGMA_REL, PowerFunctionEMA
 from admkit.runlog import Meter, plot_losses, truncate_log
 
 LossFn = Callable[[torch.nn.Module, Any, Sequence[torch.Generator]], Mapping[str, Any]]
@@ -75,7 +78,13 @@ RESUMABLE = (
     "train.save_interval",
     "train.keep",
     "train.compile",
+    "train.snapshot_interval",
+    "train.snapshot_dtype",
 )
+SNAPSHOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Options recorded in config.json only when post-hoc EMA is on, so that runs made before these
+# options existed still resume.
+PHEMA_OPTIONS = ("phema", "snapshot_interval", "snapshot_dtype")
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,12 @@ class TrainConfig:
     save_interval: int = 10000
     keep: int | None = None
     compile: bool = False
+    # Post-hoc EMA (EDM2): σ_rel of the power-function EMAs to track, as typed (they name the
+    # weights, "phema_0.10"); their snapshots every ``snapshot_interval`` steps (None: at every
+    # save) and at the end, stored in ``snapshot_dtype``.
+    phema: tuple[str, ...] = ()
+    snapshot_interval: int | None = None
+    snapshot_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_interval", "save_interval"):
@@ -119,6 +134,40 @@ class TrainConfig:
             )
         if self.keep is not None and self.keep < 1:
             raise UserError(f"--keep {self.keep} must be at least 1 (or unset to keep all)")
+        _check_phema(self)
+
+
+def _check_phema(config: TrainConfig) -> None:
+    given = ",".join(config.phema)
+    values = []
+    for label in config.phema:
+        try:
+            value = float(label) if label == label.strip() else math.nan  # labels name files
+        except ValueError:
+            value = math.nan
+        if not 0.0 < value < MAX_SIGMA_REL:  # also refuses nan
+            raise UserError(
+                f"--phema {given}: sigma_rel {label!r} must be a number between 0 and "
+                f"{MAX_SIGMA_REL:.4f} (1/sqrt(12); wider profiles would favour early steps), "
+                "e.g. --phema 0.05,0.10"
+            )
+        if value in values:
+            raise UserError(f"--phema {given} lists sigma_rel {value} twice")
+        values.append(value)
+    if config.snapshot_interval is not None and not config.phema:
+        raise UserError(
+            "--snapshot_interval stores snapshots of the post-hoc EMAs: it needs --phema, "
+            "e.g. --phema 0.05,0.10"
+        )
+    if config.snapshot_interval is not None and config.snapshot_interval < 1:
+        raise UserError(f"--snapshot_interval {config.snapshot_interval} must be at least 1")
+    if config.snapshot_dtype not in SNAPSHOT_DTYPES:
+        raise UserError(
+            f"--snapshot_dtype {config.snapshot_dtype!r} must be one of "
+            f"{', '.join(SNAPSHOT_DTYPES)}"
+        )
+    if config.snapshot_dtype != "fp32" and not config.phema:
+        raise UserError("--snapshot_dtype is the precision of --phema snapshots: it needs --phema")
 
 
 class EMA:
@@ -292,6 +341,15 @@ def _apply_gradients(
     return scaler.get_scale() >= scale, grad_norm  # the scale only drops after a skipped step
 
 
+def _recorded(config: TrainConfig) -> dict[str, Any]:
+    """The training options for config.json (the post-hoc EMA ones only when used)."""
+    recorded = asdict(config)
+    if not config.phema:
+        for name in PHEMA_OPTIONS:
+            del recorded[name]
+    return recorded
+
+
 def _load_training_state(
     latest: Path,
     model: torch.nn.Module,
@@ -300,11 +358,14 @@ def _load_training_state(
     scaler: torch.amp.GradScaler | None,
     loss_fn: LossFn,
     device: torch.device,
+    phema: PowerFunctionEMA | None = None,
 ) -> dict[str, Any]:
     """Put back everything a checkpoint holds; returns its training state."""
     model.load_state_dict(ckpt.read_weights(latest, "model"))
     for rate in ema.averages:
         ema.load_state_dict(rate, ckpt.read_weights(latest, f"ema_{rate}"))
+    for label in phema.averages if phema is not None else ():
+        phema.load_state_dict(label, ckpt.read_weights(latest, f"phema_{label}"))
     state = ckpt.read_training_state(latest)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None:
@@ -356,7 +417,7 @@ def train(
         raise ValueError("run_config must not hold a 'train' entry: the loop stores its own")
     run_dir = ckpt.prepare_run_dir(
         run_dir,
-        {**(run_config or {}), "train": asdict(config)},
+        {**(run_config or {}), "train": _recorded(config)},
         overwrite=overwrite,
         may_differ=RESUMABLE,
     )
@@ -369,6 +430,7 @@ def train(
         fused=device.type in FUSED_OPTIMIZER_DEVICES,
     )
     ema = EMA(model, config.ema_rates)
+    phema = PowerFunctionEMA(model, config.phema) if config.phema else None
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     say = tqdm.write if progress and main else lambda message: None
 
@@ -376,7 +438,7 @@ def train(
     latest = ckpt.latest_checkpoint(run_dir)
     step = skipped_total = 0
     if latest is not None:
-        state = _load_training_state(latest, model, ema, optimizer, scaler, loss_fn, device)
+        state = _load_training_state(latest, model, ema, optimizer, scaler, loss_fn, device, phema)
         step, skipped_total = state["step"], state["skipped_steps"]
         say(f"resuming {run_dir} from step {step}")
     else:
@@ -386,6 +448,7 @@ def train(
         random.seed(seed)
     if main:
         truncate_log(run_dir, step)
+        ckpt.drop_snapshots_after(run_dir, step)
     dist.barrier()
 
     def save() -> None:
@@ -393,6 +456,8 @@ def train(
         if main:
             weights = {"model": model.state_dict()}
             weights |= {f"ema_{rate}": ema.state_dict(model, rate) for rate in config.ema_rates}
+            for label in config.phema:
+                weights[f"phema_{label}"] = phema.state_dict(model, label)
             state = {
                 "step": step,
                 "skipped_steps": skipped_total,
@@ -404,6 +469,13 @@ def train(
             ckpt.save_checkpoint(run_dir, step, weights, state, keep=config.keep)
             plot_losses(run_dir)
         dist.barrier()
+
+    snapshot_interval = config.snapshot_interval or config.save_interval
+
+    def write_snapshot() -> None:
+        if main:
+            tensors = phema.snapshot(SNAPSHOT_DTYPES[config.snapshot_dtype])
+            ckpt.write_snapshot(run_dir, step, tensors, phema.metadata(step))
 
     local_batch = config.batch_size // world_size
     mine = range(rank * local_batch, (rank + 1) * local_batch)  # positions in the global batch
@@ -470,6 +542,10 @@ def train(
                 else:
                     meter.skipped += 1
                     skipped_total += 1
+                if phema is not None:
+                    # After every step, skipped ones too (θ unchanged): t counts steps, and each
+                    # average keeps its exact power-function profile over them.
+                    phema.update(model, step + 1)
                 meter.add(terms)
                 meter.steps += 1
                 step += 1
@@ -487,6 +563,8 @@ def train(
                             log_file.write(json.dumps(record) + "\n")
                         bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}")
                     meter = Meter()
+                if phema is not None and (step % snapshot_interval == 0 or step == config.steps):
+                    write_snapshot()  # before the checkpoint: a resume starts after its step
                 if step % config.save_interval == 0 or step == config.steps:
                     save()
                     saved_at = step

@@ -33,7 +33,7 @@ from admkit.diffusion import Diffusion
 from admkit.errors import UserError
 from admkit.objectives import DiffusionLoss
 from admkit.timestep_sampling import SCHEDULE_SAMPLERS, schedule_sampler
-from admkit.train import TrainConfig, train
+from admkit.train import SNAPSHOT_DTYPES, TrainConfig, train
 
 # Per-kind defaults: guided-diffusion's learning rates and EMA (its classifiers keep none).
 DEFAULTS = {
@@ -99,6 +99,11 @@ def add_training_options(parser: argparse.ArgumentParser, kind: str) -> None:
          "(0: constant)"),
         ("ema_rate", str, ema_rate, "RATES", "comma list of EMA rates, e.g. 0.9999,0.999 ('': "
          "none); rate**steps of the initial weights remain, so short runs want lower rates"),
+        ("phema", str, None, "S1,S2", "post-hoc EMA (EDM2): track power-function EMAs of these "
+         "relative widths sigma_rel, e.g. 0.05,0.10, and store their snapshots, from which "
+         "'admkit ema' makes any other EMA length after training (default: none)"),
+        ("snapshot_interval", int, None, "N", "store a --phema snapshot every N steps and at the "
+         "end (default: --save_interval)"),
         ("save_interval", int, DEFAULT_SAVE_INTERVAL, "N", "checkpoint every N steps and at "
          "the end"),
         ("log_interval", int, 10, "N", "a log.jsonl record every N steps"),
@@ -123,6 +128,12 @@ def add_training_options(parser: argparse.ArgumentParser, kind: str) -> None:
         *spellings("precision"),
         choices=("fp32", "bf16", "fp16"),
         help="autocast precision (default: fp16 with --use_fp16 True, else fp32)",
+    )
+    group.add_argument(
+        *spellings("snapshot_dtype"),
+        choices=tuple(SNAPSHOT_DTYPES),
+        help="precision of the stored --phema snapshots (default: fp32; fp16 or bf16 halve the "
+        "files, and their rounding then carries into the reconstructions)",
     )
     add_flag(
         group,
@@ -232,6 +243,12 @@ def parse_ema_rates(text: str) -> tuple[float, ...]:
         ) from None
 
 
+def parse_phema(text: str | None) -> tuple[str, ...]:
+    """``--phema 0.05,0.10`` as typed (the labels name the weights: ``phema_0.10``); ``''``:
+    none, as for ``--ema_rate``."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
 def train_config(args: argparse.Namespace, *, use_fp16: bool = False) -> TrainConfig:
     """The loop's configuration from the options; bad values are one-line user errors."""
     steps = args.steps
@@ -273,6 +290,9 @@ def train_config(args: argparse.Namespace, *, use_fp16: bool = False) -> TrainCo
         save_interval=args.save_interval,
         keep=args.keep,
         compile=bool(args.compile),
+        phema=parse_phema(args.phema),
+        snapshot_interval=args.snapshot_interval,
+        snapshot_dtype=args.snapshot_dtype or "fp32",
     )
 
 
