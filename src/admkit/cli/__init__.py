@@ -26,6 +26,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "Inception Score, FID, sFID, precision and recall"),
     "ref-batch": ("ref_batch", "make a reference batch for evaluate"),
     "presets": ("presets", "list the released configurations, or print one"),
+    "ema": ("ema", "post-hoc EMA: make EMA profiles of any length from a run's --phema snapshots"),
     "demo": ("demo", "train, guide and evaluate on the built-in digits"),
 }
 
