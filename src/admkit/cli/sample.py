@@ -19,26 +19,24 @@ from admkit.checkpoint import config_dir
 from admkit.cli.models import load_model
 from admkit.cli.options import add_model_options, spellings
 from admkit.cli.sampling import (
-    BASE_STREAM,
     STEPS_HELP,
     UPSAMPLER_STREAM,
+    add_guidance_options,
     add_sampling_options,
+    base_stage,
     build_stage,
-    check_guide,
-    check_guide_options,
+    check_guidance_options,
     check_sampling_options,
     choose_sampler,
-    parse_interval,
+    common_num_classes,
+    load_base_models,
     requested_labels,
     sample_and_write,
     sampler_list,
     sampling_chain,
 )
 from admkit.errors import UserError
-from admkit.generate import (
-    check_outputs,
-    draw_labels,
-)
+from admkit.generate import check_outputs, draw_labels
 from admkit.presets import get_preset
 from admkit.samplers import get_sampler
 
@@ -54,17 +52,9 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_sampling_options(parser)
-    group = parser.add_argument_group("classifier guidance and cascade")
+    add_guidance_options(parser)
+    group = parser.add_argument_group("cascade")
     add = group.add_argument
-    add(
-        "--classifier",
-        *spellings("classifier_path"),
-        dest="classifier",
-        default=None,
-        help="noise-aware classifier (as --model; --classifier_path: guided-diffusion's name)",
-    )
-    add(*spellings("classifier_scale"), type=float, default=None, help="guidance scale s")
-    add(*spellings("classifier_preset"), default=None, help="preset of a released classifier")
     add("--upsampler", default=None, help="upsampler to chain after the model (as --model)")
     add(*spellings("upsampler_preset"), default=None, help="preset of a released upsampler")
     add(*spellings("upsampler_sampler"), default=None, help="upsampler's sampler (default: same)")
@@ -74,26 +64,6 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
         default=None,
         help="upsampler's --steps (default: --steps)",
     )
-    group = parser.add_argument_group(
-        "guidance by a second model (autoguidance; EDM2-style CFG with an unconditional guide)"
-    )
-    add = group.add_argument
-    add(
-        *spellings("guide_model"),
-        default=None,
-        metavar="G",
-        help="guide network (as --model): D = D_G + W (D_M - D_G) on the mean; a weaker version "
-        "of the model (an earlier checkpoint, a smaller run) is autoguidance",
-    )
-    add(
-        *spellings("guide_scale"),
-        type=float,
-        default=None,
-        metavar="W",
-        help="guidance weight W (1: the model alone, the guide is not run; typically 1.5-3)",
-    )
-    add(*spellings("guide_weights"), default=None, help="the guide's weights (as --weights)")
-    add(*spellings("guide_preset"), default=None, help="preset of a released guide .pt")
     add_model_options(parser, "model", "classifier")
     parser.set_defaults(run=run)
     return parser
@@ -116,84 +86,29 @@ def run(args: argparse.Namespace) -> int:
     elif args.upsampler_preset or args.upsampler_sampler or args.upsampler_steps is not None:
         raise UserError("the --upsampler_* options need --upsampler M2")
     preset = get_preset(args.preset) if args.preset else None
-    classifier_preset = args.classifier_preset or (preset.classifier if preset else None)
-    classifier_scale = args.classifier_scale
-    if classifier_scale is not None and args.classifier is None:
-        raise UserError("--classifier_scale needs a classifier: add --classifier C")
-    if classifier_scale is None:
-        classifier_scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0
-    check_guide_options(args)
-    parse_interval(args.guidance_interval)
-    if args.guidance_interval and not (args.classifier or args.cfg_scale or args.guide_model):
-        raise UserError(
-            "--guidance_interval needs guidance: --classifier, --cfg_scale or --guide_model"
-        )
+    check_guidance_options(args)
     check_outputs([args.out, args.grid], args.overwrite, args.png_dir)
     num_samples = args.num_samples or 16
 
     device = distributed.setup(distributed.select_device(args.device))
     try:
-        model = load_model(args.model, "diffusion", args, weights=args.weights, preset=args.preset)
-        classifier = None
-        if args.classifier:
-            classifier = load_model(args.classifier, "classifier", args, preset=classifier_preset)
+        models = load_base_models(args, preset)
         upsampler = None
         if args.upsampler:
             upsampler = load_model(args.upsampler, "upsampler", None, preset=args.upsampler_preset)
-        guide = None
-        if args.guide_model:
-            guide = load_model(
-                args.guide_model,
-                "diffusion",
-                args,
-                weights=args.guide_weights,
-                preset=args.guide_preset or args.preset,
-            )
-            check_guide(model, guide)
-
-        if classifier and classifier.flags["image_size"] != model.flags["image_size"]:
-            raise UserError(
-                f"the classifier takes {classifier.flags['image_size']}px images but the model "
-                f"makes {model.flags['image_size']}px ones"
-            )
-        loaded = (model, classifier, upsampler, guide)
-        counts = {m.source: m.num_classes for m in loaded if m}
-        known = {k for k in counts.values() if k is not None}
-        if len(known) > 1:
-            raise UserError(f"the models disagree on the number of classes: {counts}")
-        num_classes = known.pop() if known else None
-        names = next((m.class_names for m in (model, classifier) if m and m.class_names), None)
+        num_classes = common_num_classes([*models.loaded(), upsampler])
+        names = next((m.class_names for m in models.loaded() if m.class_names), None)
         requested = requested_labels(args, num_classes, names)
         labels = None
         if num_classes is not None:
             labels = draw_labels(num_samples, num_classes, args.seed, requested)
-
-        respacing = args.timestep_respacing
-        if respacing is None and preset is not None:
-            respacing = preset.timestep_respacing
-        diffusion, base = sampling_chain(
-            model.flags, args.sampler, args.steps, args.step_spacing, respacing
-        )
-        stages = [
-            build_stage(
-                model,
-                sampler=args.sampler,
-                diffusion=diffusion,
-                base=base,
-                args=args,
-                device=device,
-                noise_stream=BASE_STREAM,
-                classifier=classifier,
-                classifier_scale=classifier_scale,
-                guide=guide,
-                guide_scale=args.guide_scale if guide is not None else 1.0,
-            )
-        ]
+        stages = [base_stage(args, models, preset, device)]
         if upsampler is not None:
-            if upsampler.flags["small_size"] != model.flags["image_size"]:
+            image_size = models.model.flags["image_size"]
+            if upsampler.flags["small_size"] != image_size:
                 raise UserError(
                     f"the upsampler takes {upsampler.flags['small_size']}px images but the model "
-                    f"makes {model.flags['image_size']}px ones"
+                    f"makes {image_size}px ones"
                 )
             up_preset = get_preset(args.upsampler_preset) if args.upsampler_preset else None
             up_steps = args.upsampler_steps if args.upsampler_steps is not None else args.steps
@@ -227,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 "guide_model": args.guide_model,
             },
             what=args.sampler + (f" then {upsampler_sampler}" if upsampler else ""),
-            class_names=model.class_names,
+            class_names=models.model.class_names,
             num_samples=num_samples,
             labels=labels,
             device=device,

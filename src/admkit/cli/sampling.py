@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from admkit import distributed
-from admkit.cli.models import LoadedModel, build_diffusion
+from admkit.cli.models import LoadedModel, build_diffusion, load_model
 from admkit.cli.options import spellings
 from admkit.compat.script_util import str2bool
 from admkit.diffusion import Diffusion, ModelFn, respace
@@ -40,6 +42,7 @@ from admkit.guidance import (
     zero_cond_fn,
 )
 from admkit.partial_samples import PartialSamples, file_identity, weights_identity
+from admkit.presets import Preset
 from admkit.samplers import SAMPLER_HELP, SAMPLERS, get_sampler, levels_for_steps
 from admkit.step_selection import STEP_SPACINGS, default_step_spacing, select_timesteps
 
@@ -142,8 +145,52 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "shape costs ~20-60 s of compilation; falls back to eager where compiling fails)",
     )
     add("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if there is one)")
-    add("--weights", default=None, help="weights of a run or checkpoint folder: model or ema_RATE")
+    add(
+        "--weights",
+        default=None,
+        help="weights of a run or checkpoint folder: model, ema_RATE or phema_SIGMA",
+    )
     add("--overwrite", action="store_true", help="replace existing output files")
+
+
+def add_guidance_options(parser: argparse.ArgumentParser) -> None:
+    """Classifier guidance and guidance by a second model (sample and sweep)."""
+    group = parser.add_argument_group("classifier guidance")
+    add = group.add_argument
+    add(
+        "--classifier",
+        *spellings("classifier_path"),
+        dest="classifier",
+        default=None,
+        help="noise-aware classifier (as --model; --classifier_path: guided-diffusion's name)",
+    )
+    add(
+        *spellings("classifier_scale"),
+        type=float,
+        default=None,
+        help="guidance scale s (0: the classifier is not run; default 1, or the preset's)",
+    )
+    add(*spellings("classifier_preset"), default=None, help="preset of a released classifier")
+    group = parser.add_argument_group(
+        "guidance by a second model (autoguidance; EDM2-style CFG with an unconditional guide)"
+    )
+    add = group.add_argument
+    add(
+        *spellings("guide_model"),
+        default=None,
+        metavar="G",
+        help="guide network (as --model): D = D_G + W (D_M - D_G) on the mean; a weaker version "
+        "of the model (an earlier checkpoint, a smaller run) is autoguidance",
+    )
+    add(
+        *spellings("guide_scale"),
+        type=float,
+        default=None,
+        metavar="W",
+        help="guidance weight W (1: the model alone, the guide is not run; typically 1.5-3)",
+    )
+    add(*spellings("guide_weights"), default=None, help="the guide's weights (as --weights)")
+    add(*spellings("guide_preset"), default=None, help="preset of a released guide .pt")
 
 
 def choose_sampler(args: argparse.Namespace) -> str:
@@ -193,8 +240,12 @@ def check_sampling_options(args: argparse.Namespace, sampler: str) -> None:
         raise UserError(f"--seed must be 0 or more, got {args.seed}")
 
 
-def check_guide_options(args: argparse.Namespace) -> None:
-    """The guide-model options go together, and not with classifier-free guidance."""
+def check_guidance_options(args: argparse.Namespace) -> None:
+    """Guidance options that need others, or exclude them (before any model is loaded)."""
+    if args.classifier_scale is not None and args.classifier is None:
+        raise UserError("--classifier_scale needs a classifier: add --classifier C")
+    if args.classifier_scale is not None and args.classifier_scale < 0:
+        raise UserError(f"--classifier_scale must be 0 or more, got {args.classifier_scale}")
     if (args.guide_model is None) != (args.guide_scale is None):
         raise UserError("guidance by a second model needs both --guide_model G and --guide_scale W")
     if args.guide_model is None and (args.guide_weights or args.guide_preset):
@@ -203,6 +254,11 @@ def check_guide_options(args: argparse.Namespace) -> None:
         raise UserError(
             "--cfg_scale and --guide_model both replace the model's mean; use one (an "
             "unconditional --guide_model is classifier-free guidance with a separate network)"
+        )
+    parse_interval(args.guidance_interval)
+    if args.guidance_interval and not (args.classifier or args.cfg_scale or args.guide_model):
+        raise UserError(
+            "--guidance_interval needs guidance: --classifier, --cfg_scale or --guide_model"
         )
 
 
@@ -274,6 +330,82 @@ def model_fn_of(loaded: LoadedModel, args: argparse.Namespace, device: torch.dev
     )
 
 
+@dataclass(frozen=True)
+class BaseModels:
+    """The networks of a base sampling stage, loaded and checked against each other."""
+
+    model: LoadedModel
+    classifier: LoadedModel | None = None
+    classifier_scale: float = 1.0
+    guide: LoadedModel | None = None
+
+    def loaded(self) -> list[LoadedModel]:
+        return [m for m in (self.model, self.classifier, self.guide) if m is not None]
+
+
+def load_base_models(
+    args: argparse.Namespace,
+    preset: Preset | None,
+    load: Callable[..., LoadedModel] = load_model,
+) -> BaseModels:
+    """The model, classifier and guide that ``args`` name (``load``: ``load_model`` or a
+    caching stand-in with its signature). A released model's preset brings its classifier's
+    preset and guidance scale unless the options say otherwise."""
+    model = load(args.model, "diffusion", args, weights=args.weights, preset=args.preset)
+    classifier, scale = None, args.classifier_scale
+    if args.classifier:
+        classifier_preset = args.classifier_preset or (preset.classifier if preset else None)
+        classifier = load(args.classifier, "classifier", args, preset=classifier_preset)
+        if classifier.flags["image_size"] != model.flags["image_size"]:
+            raise UserError(
+                f"the classifier takes {classifier.flags['image_size']}px images but the model "
+                f"makes {model.flags['image_size']}px ones"
+            )
+        if scale is None:
+            scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0
+    guide = None
+    if args.guide_model:
+        guide_preset = args.guide_preset or args.preset
+        guide = load(args.guide_model, "diffusion", args, weights=args.guide_weights,
+                     preset=guide_preset)  # fmt: skip
+        check_guide(model, guide)
+    return BaseModels(model, classifier, 1.0 if scale is None else scale, guide)
+
+
+def common_num_classes(models: Iterable[LoadedModel | None]) -> int | None:
+    """The number of classes the conditional ones among ``models`` share (None if none is)."""
+    counts = {m.source: m.num_classes for m in models if m is not None}
+    known = {k for k in counts.values() if k is not None}
+    if len(known) > 1:
+        raise UserError(f"the models disagree on the number of classes: {counts}")
+    return known.pop() if known else None
+
+
+def base_stage(
+    args: argparse.Namespace, models: BaseModels, preset: Preset | None, device: torch.device
+) -> Stage:
+    """The first (or only) stage of ``admkit sample``, on the chain that ``args`` ask for."""
+    respacing = args.timestep_respacing
+    if respacing is None and preset is not None:
+        respacing = preset.timestep_respacing
+    diffusion, base = sampling_chain(
+        models.model.flags, args.sampler, args.steps, args.step_spacing, respacing
+    )
+    return build_stage(
+        models.model,
+        sampler=args.sampler,
+        diffusion=diffusion,
+        base=base,
+        args=args,
+        device=device,
+        noise_stream=BASE_STREAM,
+        classifier=models.classifier,
+        classifier_scale=models.classifier_scale,
+        guide=models.guide,
+        guide_scale=args.guide_scale if models.guide is not None else 1.0,
+    )
+
+
 def build_stage(
     loaded: LoadedModel,
     *,
@@ -291,7 +423,8 @@ def build_stage(
 ) -> Stage:
     """One sampling stage: the network as a model function with its guidance wrapped in.
 
-    A ``guide`` at ``guide_scale`` 1 is the model itself: it is not evaluated at all.
+    A ``guide`` at ``guide_scale`` 1 is the model itself, and a classifier at scale 0 adds
+    nothing: neither is evaluated at all.
     """
     interval = parse_interval(args.guidance_interval)
     model_fn = model_fn_of(loaded, args, device)
@@ -307,7 +440,7 @@ def build_stage(
         guided = classifier_free_model(model_fn, args.cfg_scale, loaded.cfg_null_label)
         model_fn = guidance_interval(guided, model_fn, base, *interval) if interval else guided
     cond_fn = None
-    if classifier is not None:
+    if classifier is not None and classifier_scale != 0:
         # The classifier runs outside autocast: its gradient is taken in float32.
         cond_fn = classifier_grad_fn(classifier.network.to(device), classifier_scale)
         if interval:
