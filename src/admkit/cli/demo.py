@@ -28,16 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from admkit.checkpoint import atomic_path, atomic_write_text, latest_checkpoint
-from admkit.data import digits_heldout, digits_train
 from admkit.errors import UserError
-from admkit.generate import dequantize
-from admkit.judge import DigitJudge, judge_outputs, train_judge
-from admkit.metrics.fid import frechet_distance, statistics_of
-from admkit.metrics.precision_recall import precision_recall
+from admkit.quality import DigitsScorer, digits_judge
 
 IMAGE_SIZE = 16
 SEED = 0
@@ -147,23 +142,13 @@ def _train(kind: str, run_dir: Path, flags: list[str], steps: int, extra: list[s
     _cli(argv + ["--save_interval", str(max(1, steps // 4)), "--seed", str(SEED), *extra])
 
 
-def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    return images, torch.as_tensor(np.asarray(dataset.labels))
-
-
-def _judge(out: Path, steps: int) -> DigitJudge:
+def _judge(out: Path, steps: int) -> DigitsScorer:
     path = out / "judge.pt"
-    judge = DigitJudge()
     if path.exists():
-        judge.load_state_dict(torch.load(path, weights_only=True))
         _say(f"judge: reusing {path}")
-        return judge.eval()
-    _say(f"judge: training an independent digit classifier on clean digits ({steps} steps)")
-    judge = train_judge(*_stack(digits_train(IMAGE_SIZE)), steps=steps, seed=SEED)
-    with atomic_path(path, overwrite=True) as temporary:
-        torch.save(judge.state_dict(), temporary)
-    return judge
+    else:
+        _say(f"judge: training an independent digit classifier on clean digits ({steps} steps)")
+    return DigitsScorer(digits_judge(path, steps))
 
 
 def _sample(out: Path, setting: Setting, per_digit: int, batch_size: int) -> Path:
@@ -185,23 +170,13 @@ def _sample(out: Path, setting: Setting, per_digit: int, batch_size: int) -> Pat
     return path
 
 
-def _score(judge: DigitJudge, path: Path, reference: np.ndarray) -> dict:
+def _score(scorer: DigitsScorer, path: Path) -> dict:
     with np.load(path) as archive:
         images = archive["arr_0"]
     # Image i asks for digit i mod 10 (unguided samples ask for nothing: their accuracy is the
     # share that happens to match, about chance).
     labels = np.arange(len(images)) % 10
-    features, predicted = judge_outputs(judge, dequantize(images))
-    precision, recall = precision_recall(reference, features)
-    return {
-        "judged_accuracy": float((predicted == labels).mean()),
-        "frechet_distance": float(
-            frechet_distance(statistics_of(features), statistics_of(reference))
-        ),
-        "precision": precision,
-        "recall": recall,
-        "num_samples": int(len(images)),
-    }
+    return {**scorer.score(images, labels), "num_samples": int(len(images))}
 
 
 def _grid(out: Path, rows: list[tuple[str, np.ndarray]], cell: int = 40) -> Path:
@@ -290,8 +265,7 @@ def run(args: argparse.Namespace) -> int:
     if (out / "diffusion" / "loss.png").exists():
         shutil.copyfile(out / "diffusion" / "loss.png", out / "loss.png")
 
-    judge = _judge(out, max(50, round(JUDGE_STEPS * min(scale, 1.0))))
-    reference, _ = judge_outputs(judge, _stack(digits_heldout(IMAGE_SIZE))[0])
+    scorer = _judge(out, max(50, round(JUDGE_STEPS * min(scale, 1.0))))
     timings["judge"] = round(time.perf_counter() - start - sum(timings.values()), 1)
 
     results, rows = [], []
@@ -300,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         reused = (out / "samples" / f"{setting.key}.npz").exists()
         path = _sample(out, setting, args.per_digit, args.batch_size)
         seconds = None if reused else round(time.perf_counter() - began, 1)
-        scores = _score(judge, path, reference)
+        scores = _score(scorer, path)
         results.append(
             {"key": setting.key, "title": setting.title, "sampler": setting.sampler,
              "steps": setting.steps, "classifier_scale": setting.scale,

@@ -221,9 +221,13 @@ class BatchFeatures:
         return statistics_of(self.pool_3), self.spatial.statistics()
 
 
+def _sharded() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _shard(num_images: int, batch_size: int) -> tuple[int, int]:
     """This rank's contiguous image range [start, stop), in whole batches."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _sharded():
         return 0, num_images
     num_batches = math.ceil(num_images / batch_size)
     per_rank = math.ceil(num_batches / dist.get_world_size())
@@ -238,12 +242,16 @@ def extract_features(
     batch_size: int = FEATURE_BATCH_SIZE,
     description: str = "features",
     progress: bool = True,
+    shard: bool = True,
 ) -> BatchFeatures | None:
-    """Embed every image; under torch.distributed, rank 0 gets all (in order), others None."""
-    start, stop = _shard(len(images), batch_size)
+    """Embed every image; under torch.distributed, rank 0 gets all (in order), others None.
+
+    ``shard=False`` embeds every image in this process, whatever the process group.
+    """
+    distributed = shard and _sharded()
+    start, stop = _shard(len(images), batch_size) if distributed else (0, len(images))
     pool_3 = np.zeros((stop - start, POOL_FEATURES), dtype=np.float32)
     spatial = RunningStatistics(SPATIAL_FEATURES, device=model.fc.weight.device)
-    distributed = dist.is_available() and dist.is_initialized()
     show = progress and (not distributed or dist.get_rank() == 0)
     with tqdm(total=stop - start, desc=description, unit="img", disable=not show) as bar:
         done = 0
@@ -321,18 +329,26 @@ def evaluate(
     sample_features = extract_features(sample, model, batch_size, "samples", progress)
     if reference_features is None or sample_features is None:
         return None  # not rank 0
-    if precomputed is not None:
-        reference_stats = precomputed
-    else:
-        reference_stats = reference_features.statistics()
-    sample_stats = sample_features.statistics()
+    return compare_features(reference_features, sample_features, model, precomputed)
+
+
+def compare_features(
+    reference: BatchFeatures,
+    sample: BatchFeatures,
+    model: InceptionV3FID,
+    precomputed: tuple[GaussianStatistics, GaussianStatistics] | None = None,
+) -> EvaluationResult:
+    """The five numbers from the two batches' features (``precomputed``: the reference's
+    whole-dataset statistics, used for FID and sFID when given)."""
+    reference_stats = precomputed if precomputed is not None else reference.statistics()
+    sample_stats = sample.statistics()
     score = None
     if model.has_logits:
-        score = inception_score(class_probabilities(sample_features.pool_3, model.fc.weight))
+        score = inception_score(class_probabilities(sample.pool_3, model.fc.weight))
     fid = frechet_distance(sample_stats[0], reference_stats[0])
     sfid = frechet_distance(sample_stats[1], reference_stats[1])
     precision, recall = precision_recall(
-        reference_features.pool_3, sample_features.pool_3, device=model.fc.weight.device
+        reference.pool_3, sample.pool_3, device=model.fc.weight.device
     )
     return EvaluationResult(
         inception_score=score,
@@ -340,8 +356,8 @@ def evaluate(
         sfid=sfid,
         precision=precision,
         recall=recall,
-        num_reference=len(reference_features.pool_3),
-        num_samples=len(sample_features.pool_3),
+        num_reference=len(reference.pool_3),
+        num_samples=len(sample.pool_3),
         reference_statistics="arr_0" if precomputed is None else "precomputed",
     )
 
