@@ -263,15 +263,20 @@ def generate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     partial: PartialSamples | None = None,
+    shard: bool = True,
+    description: str | None = None,
+    step_progress: bool = True,
 ) -> Generated:
     """Sample ``num_samples`` images through ``stages``, ``batch_size`` at a time per process.
 
     ``labels`` ``[N]`` (one per image index) go to every stage as ``y``; ``low_res`` uint8
     ``[M, h, w, 3]`` feeds a first stage that ``takes_low_res`` (image i reads row i mod M).
     Under ``torchrun`` the images still to draw are dealt out to the ranks in turn and rank 0
-    gathers; all ranks must call this. With ``partial``, the images it holds are not drawn again
-    and each gathered batch is added to it. Returns the images on rank 0 (``images`` None on
-    the others).
+    gathers; all ranks must call this. With ``shard=False`` this process draws every image
+    itself and returns them, whatever the process group (no collectives). With ``partial``, the
+    images it holds are not drawn again and each gathered batch is added to it. Returns the
+    images on rank 0 (``images`` None on the others). ``progress`` shows a bar of images,
+    labelled ``description``, and with ``step_progress`` one of each batch's sampler steps.
     """
     if num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {num_samples}")
@@ -280,8 +285,8 @@ def generate(
     if labels is not None and len(labels) != num_samples:
         raise ValueError(f"got {len(labels)} labels for {num_samples} images")
     device = torch.device(device)
-    rank, world = distributed.rank(), distributed.world_size()
-    main = distributed.is_main_process()
+    rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
+    main = rank == 0
     done = set(partial.done) if partial is not None else set()
     remaining = [i for i in range(num_samples) if i not in done]
     mine = remaining[rank::world]
@@ -291,7 +296,13 @@ def generate(
     evals: list[int] | tuple[int, ...] = ()
     if done and main:
         evals = partial.load_into(images)
-    bar = tqdm(total=num_samples, initial=len(done), unit="img", disable=not (progress and main))
+    bar = tqdm(
+        total=num_samples,
+        initial=len(done),
+        unit="img",
+        desc=description,
+        disable=not (progress and main),
+    )
     for round_index in range(rounds):
         indices = mine[round_index * batch_size : (round_index + 1) * batch_size]
         # Every rank joins every gather; a rank out of images sends padding (index -1).
@@ -305,11 +316,12 @@ def generate(
                 labels=labels,
                 low_res=low_res,
                 device=device,
-                progress=progress and main,
+                progress=progress and step_progress and main,
             )
             batch[: len(indices)] = sampled
             ids[: len(indices)] = torch.tensor(indices, device=device)
-        batch, ids = distributed.all_gather_cat(batch), distributed.all_gather_cat(ids)
+        if shard:
+            batch, ids = distributed.all_gather_cat(batch), distributed.all_gather_cat(ids)
         if main:
             keep = ids >= 0
             kept_ids, kept = ids[keep].cpu().numpy(), batch[keep].cpu().numpy()

@@ -23,6 +23,7 @@ COMMANDS = {
     "sample": ("sample", "draw samples from a model (optionally guided, optionally cascaded)"),
     "upsample": ("upsample", "run an upsampler over base samples"),
     "nll": ("nll", "negative log-likelihood bound in bits/dim (image_nll.py)"),
+    "sweep": ("sweep", "sample and score a grid of sampling settings; tables and plots"),
     "evaluate": ("evaluate", "Inception Score, FID, sFID, precision and recall"),
     "ref-batch": ("ref_batch", "make a reference batch for evaluate"),
     "presets": ("presets", "list the released configurations, or print one"),
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for reports
     if args.command is None:
         parser.print_help()
         return 2

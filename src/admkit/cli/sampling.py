@@ -62,8 +62,9 @@ def sampler_list() -> str:
     return "\n".join(f"  {name:<9} {text}" for name, text in SAMPLER_HELP.items())
 
 
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """Options every sampling command shares (SPEC §2.5)."""
+def add_sampling_options(parser: argparse.ArgumentParser, *, outputs: bool = True) -> None:
+    """Options every sampling command shares (SPEC §2.5); ``outputs``: the sample files
+    (``--out``, ``--grid``, ``--png_dir``)."""
     parser.add_argument(
         "--model",
         *spellings("model_path"),
@@ -72,7 +73,8 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="run directory (its newest checkpoint), checkpoint folder, .safetensors or .pt "
         "(--model_path: guided-diffusion's name)",
     )
-    parser.add_argument("--out", required=True, metavar="OUT.npz", help="samples file to write")
+    if outputs:
+        parser.add_argument("--out", required=True, metavar="OUT.npz", help="samples file to write")
     group = parser.add_argument_group("sampling")
     add = group.add_argument
     add(
@@ -129,14 +131,15 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "default: uniform random per image",
     )
     add("--seed", type=int, default=0, help="same seed, same images, at any batch size")
-    add("--grid", default=None, metavar="PNG", help="also write a picture grid")
-    add(
-        *spellings("png_dir"),
-        default=None,
-        metavar="DIR",
-        help="also write every image as DIR/CLASS_INDEX.png (DIR/INDEX.png without labels), "
-        "named as --data reads classes",
-    )
+    if outputs:
+        add("--grid", default=None, metavar="PNG", help="also write a picture grid")
+        add(
+            *spellings("png_dir"),
+            default=None,
+            metavar="DIR",
+            help="also write every image as DIR/CLASS_INDEX.png (DIR/INDEX.png without "
+            "labels), named as --data reads classes",
+        )
     add("--precision", default="fp32", help=f"one of: {', '.join(PRECISIONS)} (default fp32)")
     add(
         "--compile",
@@ -496,7 +499,9 @@ def requested_labels(
 
 # What does not change the images (batch size: image i depends on (seed, i) alone), or is where
 # they go: a rerun that changes only these continues an interrupted job.
-NOT_PART_OF_THE_JOB = {"out", "grid", "png_dir", "overwrite", "batch_size", "run", "command"}
+NOT_PART_OF_THE_JOB = {
+    *("out", "grid", "png_dir", "overwrite", "batch_size", "run", "command", "argv"),
+}
 
 
 def sample_and_write(
