@@ -6,6 +6,10 @@ A run directory (SPEC §2.2)::
       config.json            what rebuilds model and diffusion, plus the training options
       log.jsonl              one JSON object per log interval (written by admkit.train)
       loss.png               the loss curve, redrawn at each save
+      metrics.png            with --sample_every and a scorer: the metrics against the step
+      samples/               with --sample_every: step_000500.png, a grid from the same noise
+                             every time (admkit.monitor)
+      judge.pt               the digits judge that scores a run on the built-in digits
       checkpoints/
         step_000500/         one complete checkpoint, named by the number of optimizer steps done
           model.safetensors
@@ -50,6 +54,9 @@ from admkit.errors import UserError
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 PLOT_NAME = "loss.png"
+METRICS_PLOT_NAME = "metrics.png"
+SAMPLES = "samples"
+JUDGE_NAME = "judge.pt"
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
 # Weights files that ``admkit ema`` adds to a checkpoint folder after it was committed.
@@ -141,7 +148,8 @@ def _clear_run_files(run_dir: Path) -> None:
     # Only what a run writes is removed: --overwrite on a folder holding other files keeps them.
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     shutil.rmtree(run_dir / SNAPSHOTS, ignore_errors=True)
-    for name in (CONFIG_NAME, LOG_NAME, PLOT_NAME):
+    shutil.rmtree(run_dir / SAMPLES, ignore_errors=True)
+    for name in (CONFIG_NAME, LOG_NAME, PLOT_NAME, METRICS_PLOT_NAME, JUDGE_NAME):
         (run_dir / name).unlink(missing_ok=True)
 
 

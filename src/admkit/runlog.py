@@ -1,8 +1,11 @@
-"""A run's log: the per-interval meter, ``log.jsonl`` and the ``loss.png`` drawn from it.
+"""A run's log: the per-interval meter, ``log.jsonl`` and the ``loss.png`` and ``metrics.png``
+drawn from it.
 
-Each record holds the step, samples seen, learning rate, the mean of every logged term over the
-interval (and per timestep quartile ``q = floor(4 t / T)`` when the loss reports t), the mean
-gradient norm, images/s and the number of skipped (non-finite) steps.
+A training record holds the step, samples seen, learning rate, the mean of every logged term over
+the interval (and per timestep quartile ``q = floor(4 t / T)`` when the loss reports t), the mean
+gradient norm, images/s and the number of skipped (non-finite) steps. An evaluation record
+(``--sample_every`` with a scorer, admkit.monitor) holds the step and ``eval_``-prefixed values:
+the metrics (``eval_fid``, ``eval_precision``...), ``eval_samples`` and ``eval_seconds``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,9 @@ from admkit import distributed as dist
 
 # Terms of a loss dict that are not logged as values of their own.
 RESERVED_TERMS = ("weight", "t", "num_timesteps")
+EVAL_PREFIX = "eval_"
+# Values of an evaluation record that say what it cost, not what it found: not plotted.
+EVAL_COSTS = ("eval_samples", "eval_seconds")
 
 
 class Meter:
@@ -33,6 +40,15 @@ class Meter:
         self.skipped = 0
         self.steps = 0
         self.start = time.perf_counter()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside out of images/s (sampling during training)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - started
 
     def add(self, terms: Mapping[str, Any]) -> None:
         weight = terms["weight"].float() if "weight" in terms else None
@@ -108,6 +124,39 @@ def plot_losses(run_dir: str | os.PathLike) -> Path:
         if min(values) > 0:
             axes.set_yscale("log")
     path = Path(run_dir) / ckpt.PLOT_NAME
+    with ckpt.atomic_path(path, overwrite=True) as temporary:
+        figure.savefig(temporary)
+    return path
+
+
+def plot_metrics(run_dir: str | os.PathLike) -> Path | None:
+    """Draw ``metrics.png`` from the evaluation records of ``log.jsonl``: one panel per metric
+    against the step. None (and no file) while the log holds no metric."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    records = read_log(run_dir)
+    names: dict[str, None] = {}  # in order of first appearance
+    for record in records:
+        names |= dict.fromkeys(
+            key for key in record if key.startswith(EVAL_PREFIX) and key not in EVAL_COSTS
+        )
+    if not names:
+        return None
+    columns = min(len(names), 3)
+    rows = math.ceil(len(names) / columns)
+    figure = Figure(figsize=(4 * columns, 3 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    for index, name in enumerate(names, 1):
+        axes = figure.add_subplot(rows, columns, index)
+        points = [(r["step"], r[name]) for r in records if name in r and math.isfinite(r[name])]
+        if points:
+            axes.plot(*zip(*points), marker="o", markersize=3, linewidth=1.2)
+        axes.set_title(name.removeprefix(EVAL_PREFIX), fontsize="medium")
+        axes.set_xlabel("step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    path = Path(run_dir) / ckpt.METRICS_PLOT_NAME
     with ckpt.atomic_path(path, overwrite=True) as temporary:
         figure.savefig(temporary)
     return path

@@ -24,6 +24,14 @@ attributes. ``loss_fn`` may also carry state across steps (a loss-aware timestep
 detached terms of the whole global batch (``[batch_size]`` each, ranks concatenated); if it has
 ``state_dict()`` / ``load_state_dict()``, that state is checkpointed with the run.
 
+``after_step(step, weights)``, when given, is called on every rank after every step, before the
+step's checkpoint (so a run resumed from that checkpoint has it done): ``weights(name)`` returns
+the state dict of the weights ``name`` keeps (``model``, ``ema_RATE``, ``phema_S``: see
+:func:`kept_weight_names`), the live tensors, to be read and not changed. A mapping it returns on
+rank 0 becomes a log record of its own, ``{"step": step, **mapping}``. Its time is left out of
+images/s, and the global random generators are put back as it found them, so drawing samples in
+it changes nothing in the training (admkit.monitor draws sample grids and metrics there).
+
 Notation: θ model parameters, θ̄_r their moving average at rate r, η_k the learning rate of step
 k (k = 0, 1, ... optimizer steps done), η the base rate, K = ``lr_anneal_steps``.
 
@@ -48,6 +56,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +71,12 @@ from admkit.compilation import inductor_options
 from admkit.errors import UserError
 from admkit.noise import derived_seed, seeded_generators
 from admkit.phema import MAX_SIGMA_REL, PowerFunctionEMA
-from admkit.runlog import Meter, plot_losses, truncate_log
+from admkit.runlog import Meter, plot_losses, plot_metrics, truncate_log
 
 LossFn = Callable[[torch.nn.Module, Any, Sequence[torch.Generator]], Mapping[str, Any]]
 BatchSource = Callable[[int], Iterator[Any]]
+Weights = Callable[[str], Mapping[str, torch.Tensor]]
+AfterStep = Callable[[int, Weights], Mapping[str, Any] | None]
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Seed streams: the examples' generators, the per-process global generators (dropout), and the
 # examples' generators of a held-out evaluation (train-classifier --val_data).
@@ -341,6 +352,18 @@ def _apply_gradients(
     return scaler.get_scale() >= scale, grad_norm  # the scale only drops after a skipped step
 
 
+def kept_weight_names(config: TrainConfig) -> list[str]:
+    """The weights a run keeps and checkpoints, in order: ``model``, ``ema_RATE`` per
+    ``ema_rates``, ``phema_S`` per ``phema`` label."""
+    emas = [f"ema_{rate}" for rate in config.ema_rates]
+    return ["model", *emas, *(f"phema_{label}" for label in config.phema)]
+
+
+def _append_record(run_dir: Path, record: Mapping[str, Any]) -> None:
+    with open(run_dir / ckpt.LOG_NAME, "a") as log_file:
+        log_file.write(json.dumps(record) + "\n")
+
+
 def _recorded(config: TrainConfig) -> dict[str, Any]:
     """The training options for config.json (the post-hoc EMA ones only when used)."""
     recorded = asdict(config)
@@ -394,6 +417,7 @@ def train(
     device: torch.device | str | None = None,
     overwrite: bool = False,
     on_log: Callable[[int], Mapping[str, float] | None] | None = None,
+    after_step: AfterStep | None = None,
     progress: bool = True,
     save_on_interrupt: bool = True,
 ) -> Path | None:
@@ -403,7 +427,8 @@ def train(
     ``run_config`` (JSON-able: what rebuilds the model and its loss) goes to ``config.json`` with
     the training options under ``"train"``. Under ``torchrun`` the process group is joined here
     and each process takes ``batch_size / world_size`` examples per step from ``batches``.
-    ``on_log(step)``, called on every rank at each log step, may add values to the log record.
+    ``on_log(step)``, called on every rank at each log step, may add values to the log record;
+    ``after_step(step, weights)``: see the module docstring.
     Ctrl-C finishes the current step, saves (``save_on_interrupt``) and raises KeyboardInterrupt.
     """
     device = dist.setup(dist.select_device(str(device)) if device is not None else None)
@@ -451,13 +476,22 @@ def train(
         ckpt.drop_snapshots_after(run_dir, step)
     dist.barrier()
 
+    # The kept weights by name, as the checkpoint stores them and after_step reads them.
+    averages = [partial(ema.state_dict, model, rate) for rate in config.ema_rates]
+    averages += [partial(phema.state_dict, model, label) for label in config.phema]
+    state_dicts = dict(zip(kept_weight_names(config), [model.state_dict, *averages]))
+
+    def named_weights(name: str) -> Mapping[str, torch.Tensor]:
+        if name not in state_dicts:
+            raise ValueError(
+                f"the run keeps no weights {name!r}; it keeps {', '.join(state_dicts)}"
+            )
+        return state_dicts[name]()
+
     def save() -> None:
         rng_states = dist.all_gather_objects(ckpt.capture_rng_state(device))
         if main:
-            weights = {"model": model.state_dict()}
-            weights |= {f"ema_{rate}": ema.state_dict(model, rate) for rate in config.ema_rates}
-            for label in config.phema:
-                weights[f"phema_{label}"] = phema.state_dict(model, label)
+            weights = {name: state_dict() for name, state_dict in state_dicts.items()}
             state = {
                 "step": step,
                 "skipped_steps": skipped_total,
@@ -551,7 +585,7 @@ def train(
                 step += 1
                 bar.update(1)
 
-                # 4. Log, save, and stop at this boundary if Ctrl-C was pressed.
+                # 4. Log, run after_step, save, and stop here if Ctrl-C was pressed.
                 if step % config.log_interval == 0 or step == config.steps:
                     record = meter.record(step, lr, config.batch_size)
                     record["skipped_total"] = skipped_total
@@ -559,12 +593,19 @@ def train(
                         record["loss_scale"] = scaler.get_scale()
                     record.update((on_log(step) if on_log is not None else None) or {})
                     if main:
-                        with open(run_dir / ckpt.LOG_NAME, "a") as log_file:
-                            log_file.write(json.dumps(record) + "\n")
+                        _append_record(run_dir, record)
                         bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}")
                     meter = Meter()
                 if phema is not None and (step % snapshot_interval == 0 or step == config.steps):
                     write_snapshot()  # before the checkpoint: a resume starts after its step
+                if after_step is not None:
+                    with meter.paused():  # not training time
+                        rng_state = ckpt.capture_rng_state(device)
+                        extra = after_step(step, named_weights)
+                        ckpt.restore_rng_state(rng_state, device)
+                        if extra and main:
+                            _append_record(run_dir, {"step": step, **extra})
+                            plot_metrics(run_dir)
                 if step % config.save_interval == 0 or step == config.steps:
                     save()
                     saved_at = step
