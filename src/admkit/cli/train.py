@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from admkit.cli import training
+from admkit.cli import training, training_monitor
 from admkit.cli.models import build_diffusion, build_network
 from admkit.cli.options import add_model_options, preset_flags, resolve_flags
 
@@ -22,7 +22,9 @@ EPILOG = (
     "Mixed precision: --use_fp16 True (guided-diffusion's flag) means --precision fp16 here, "
     "autocast with loss scaling in place of the original's hand-made fp16 training; "
     "--precision, when given, wins. Example: admkit train --data digits --out runs/digits "
-    "--image_size 8 --num_channels 32 --num_res_blocks 1 --class_cond True --steps 2000"
+    "--image_size 8 --num_channels 32 --num_res_blocks 1 --class_cond True --steps 2000 "
+    "--sample_every 500 (a grid in runs/digits/samples/ and the digits judge's figures in "
+    "log.jsonl and metrics.png every 500 steps)"
 )
 
 
@@ -32,6 +34,7 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     add_model_options(parser, "model")
     training.add_training_options(parser, "diffusion")
     training.add_diffusion_loss_options(parser)
+    training_monitor.add_monitor_options(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -41,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     base = preset_flags(args.preset, "diffusion") if args.preset else None
     flags = resolve_flags(args, "model", base)
     config = training.train_config(args, use_fp16=flags["use_fp16"])
+    training_monitor.check_monitor_options(args, flags, config)
     dataset = training.open_training_data(args.data, flags["image_size"], args.random_flip, "train")
     num_classes, null_label = training.conditioning(flags, dataset, args.cfg_dropout)
 
@@ -57,4 +61,9 @@ def run(args: argparse.Namespace) -> int:
         cfg_null_label=null_label,
         objective=objective,
     )
-    return training.fit(args, "train", network, loss_fn, dataset, config, config_json)
+    monitor = training_monitor.build_monitor(
+        args, "diffusion", flags, config, network, dataset, num_classes
+    )
+    return training.fit(
+        args, "train", network, loss_fn, dataset, config, config_json, after_step=monitor
+    )

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from admkit.cli import training
+from admkit.cli import training, training_monitor
 from admkit.cli.models import build_diffusion, build_network
 from admkit.cli.options import add_model_options, preset_flags, resolve_flags, spellings
 from admkit.errors import UserError
@@ -25,7 +25,8 @@ DESCRIPTION = (
 EPILOG = (
     "--use_fp16 True means --precision fp16 (autocast with loss scaling). Example: admkit "
     "train-upsampler --data digits --out runs/up --large_size 16 --small_size 8 "
-    "--num_channels 32 --num_res_blocks 1 --steps 1000"
+    "--num_channels 32 --num_res_blocks 1 --steps 1000 --sample_every 250 (grids of the "
+    "first training digits upsampled, and the digits judge's figures)"
 )
 
 
@@ -50,6 +51,7 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
         metavar="SIGMA",
         help="blur the low-res input with a Gaussian of std SIGMA pixels first (default: 0)",
     )
+    training_monitor.add_monitor_options(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             "zero or positive"
         )
     config = training.train_config(args, use_fp16=flags["use_fp16"])
+    training_monitor.check_monitor_options(args, flags, config)
     dataset = training.open_training_data(
         args.data, large_size, args.random_flip, "train-upsampler"
     )
@@ -89,4 +92,16 @@ def run(args: argparse.Namespace) -> int:
         cfg_null_label=null_label,
         objective=objective,
     )
-    return training.fit(args, "train-upsampler", network, loss_fn, dataset, config, config_json)
+    monitor = training_monitor.build_monitor(
+        args, "upsampler", flags, config, network, dataset, num_classes
+    )
+    return training.fit(
+        args,
+        "train-upsampler",
+        network,
+        loss_fn,
+        dataset,
+        config,
+        config_json,
+        after_step=monitor,
+    )

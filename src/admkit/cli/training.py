@@ -33,7 +33,7 @@ from admkit.diffusion import Diffusion
 from admkit.errors import UserError
 from admkit.objectives import DiffusionLoss
 from admkit.timestep_sampling import SCHEDULE_SAMPLERS, schedule_sampler
-from admkit.train import SNAPSHOT_DTYPES, TrainConfig, train
+from admkit.train import SNAPSHOT_DTYPES, AfterStep, TrainConfig, train
 
 # Per-kind defaults: guided-diffusion's learning rates and EMA (its classifiers keep none).
 DEFAULTS = {
@@ -413,6 +413,7 @@ def fit(
     *,
     on_log: Callable[[int], Mapping[str, float] | None] | None = None,
     before_step: Callable[[int], None] | None = None,
+    after_step: AfterStep | None = None,
 ) -> int:
     """Train (or resume) the run; leaves no process group or signal handler behind."""
     num_parameters = sum(p.numel() for p in network.parameters())
@@ -440,6 +441,7 @@ def fit(
             device=args.device,
             overwrite=args.overwrite,
             on_log=on_log,
+            after_step=after_step,
         )
     except BaseException:
         if joined_here and torch.distributed.is_initialized():
