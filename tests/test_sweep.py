@@ -152,6 +152,27 @@ def test_an_interrupted_sweep_continues_and_a_grown_grid_reuses_its_cells(
     assert len(calls) == 1 and len(list((out / "cells").glob("*.json"))) == 1
 
 
+def test_cells_that_differ_only_in_an_unused_guide_run_once(run, tmp_path, monkeypatch):
+    calls = []
+    original = sweep_cli.run_cell
+    monkeypatch.setattr(
+        sweep_cli, "run_cell", lambda *a, **k: calls.append(a[0]) or original(*a, **k)
+    )
+    guides = ",".join(str(run / "checkpoints" / f"step_00000{n}") for n in (2, 4))
+    argv = _sweep(run, tmp_path / "s", "--steps", "3", "--guide_scale", "1,2")
+    assert main([*argv, "--guide_model", guides]) == 0  # the last --guide_model counts
+    # At scale 1 no guide runs: one cell stands for both guides.
+    assert [(Path(o.guide_model).name, o.guide_scale) for o in calls] == [
+        ("step_000002", 1.0), ("step_000002", 2.0), ("step_000004", 2.0),
+    ]  # fmt: skip
+    table = _table(tmp_path / "s")
+    assert [(Path(r["guide_model"]).name, r["guide_scale"]) for r in table] == [
+        ("step_000002", "1"), ("step_000002", "2"), ("step_000004", "1"), ("step_000004", "2"),
+    ]  # fmt: skip
+    assert table[0]["frechet_distance"] == table[2]["frechet_distance"]
+    assert table[1]["frechet_distance"] != table[3]["frechet_distance"]
+
+
 def test_two_processes_give_the_table_of_one(run, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])

@@ -399,11 +399,14 @@ def run(args: argparse.Namespace) -> int:
             cell_key(cell_identity(o, m, y, device, scoring))
             for o, m, y in zip(options, models, labels)
         ]
-        pending = [i for i, key in enumerate(keys) if store.get(key) is None]
-        if main and len(pending) < len(cells):
+        # Cells that differ only in what they do not use (a guide at scale 1) share a key.
+        first = {key: index for index, key in reversed(list(enumerate(keys)))}
+        pending = [i for i, key in enumerate(keys) if first[key] == i and store.get(key) is None]
+        done = sum(store.get(key) is not None for key in first)
+        if main and done:
             print(
-                f"admkit sweep: {len(cells) - len(pending)} of {len(cells)} cells are done in "
-                f"{store.folder}; running the other {len(pending)}",
+                f"admkit sweep: {done} of {len(first)} cells are done in {store.folder}; "
+                f"running the other {len(pending)}",
                 file=sys.stderr,
             )
         try:
@@ -413,7 +416,6 @@ def run(args: argparse.Namespace) -> int:
                     options[index], models[index], preset, device, labels[index], scorer,
                     description,
                 )  # fmt: skip
-                record["settings"] = {a.name: a.labels[cells[index][a.name]] for a in varying}
                 save_grid(out / GRIDS / f"{keys[index]}.png", images[:GRID_IMAGES],
                           overwrite=True)  # fmt: skip
                 store.put(keys[index], record)
@@ -426,7 +428,10 @@ def run(args: argparse.Namespace) -> int:
             raise
         distributed.barrier()
         if main:
-            records = [store.get(key) for key in keys]
+            records = [
+                {**store.get(key), "settings": {a.name: a.labels[c[a.name]] for a in varying}}
+                for key, c in zip(keys, cells)
+            ]
             plots = write_results(out, varying, records, scorer.metrics, fixed, command_line(args))
             print(summary(varying, records, scorer.metrics))
             print(f"wrote {out / 'results.csv'}, results.json, report.md and {len(plots)} plots")
