@@ -22,6 +22,15 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path, capsys):
     grid = Image.open(out / "grid.png")
     assert grid.height > 24 * len(SETTINGS)  # one row per setting under the header
     assert (out / "loss.png").exists() and "| setting |" in (out / "report.md").read_text()
+    assert (
+        Image.open(out / "guidance.png").width > 0
+        and "guidance.png" in (out / "report.md").read_text()
+    )
+    # Autoguidance runs the guide beside the model: twice the network evaluations.
+    for row, setting in zip(report["settings"], SETTINGS):
+        factor = 2 if setting.guide_scale != 1 else 1
+        assert row["network_evals"] == factor * setting.steps, row["key"]
+    assert any(setting.guide_scale != 1 for setting in SETTINGS)
     capsys.readouterr()
 
     # A rerun trains and samples nothing again.

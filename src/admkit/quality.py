@@ -17,6 +17,7 @@ a sharded job can score its own batches.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -92,10 +93,13 @@ class DigitsScorer:
         accuracy = float("nan")
         if labels is not None:
             accuracy = float((predicted == np.asarray(labels)).mean())
+        with warnings.catch_warnings():
+            # Judge features that are zero for every image (ReLU units no digit excites) make
+            # both covariances singular; the distance is still defined, scipy warns anyway.
+            warnings.filterwarnings("ignore", "Matrix is singular")
+            distance = frechet_distance(statistics_of(features), self.reference_statistics)
         return {
-            "frechet_distance": float(
-                frechet_distance(statistics_of(features), self.reference_statistics)
-            ),
+            "frechet_distance": float(distance),
             "precision": float(precision),
             "recall": float(recall),
             "judged_accuracy": accuracy,

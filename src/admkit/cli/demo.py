@@ -7,12 +7,13 @@ Stages (each reused when a rerun finds it finished):
 2. train a noise-aware classifier on noised digits (ADM §4.3);
 3. train an independent judge on clean digits (``admkit.judge``);
 4. sample 10 digits × ``--per_digit`` per setting: no guidance, classifier guidance at a few
-   scales (ADM Alg. 1), and three fast settings with guidance: ancestral sampling respaced to 25
-   steps, and DPM-Solver++ 2M, deterministic and SDE, at 20 logSNR steps (guided through the
-   score, as ADM Alg. 2);
+   scales (ADM Alg. 1), autoguidance by the run's half-way checkpoint at two weights, and three
+   fast settings with classifier guidance: ancestral sampling respaced to 25 steps, and
+   DPM-Solver++ 2M, deterministic and SDE, at 20 logSNR steps (guided through the score);
 5. judge every setting against the held-out digits: judged accuracy (share classified as the
    requested digit), Fréchet distance and precision/recall in the judge's features;
-6. write ``grid.png`` (a labelled row per setting, column k asks for digit k), ``loss.png``,
+6. write ``grid.png`` (a labelled row per setting, column k asks for digit k), ``guidance.png``
+   (Fréchet distance, precision and recall against the scale of either guidance), ``loss.png``,
    ``report.md`` and ``report.json``.
 
 ``--minutes`` scales the training budget (the defaults fit 10 minutes on 2 CPU cores).
@@ -30,7 +31,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from admkit.checkpoint import atomic_path, atomic_write_text, latest_checkpoint
+from admkit.checkpoint import (
+    atomic_path,
+    atomic_write_text,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from admkit.errors import UserError
 from admkit.quality import DigitsScorer, digits_judge
 
@@ -68,24 +75,30 @@ CLASSIFIER_FLAGS = [
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of the grid: a sampler, its steps and the classifier guidance scale."""
+    """One row of the grid: a sampler, its steps, the classifier guidance scale s (0: none)
+    and the autoguidance weight w (1: none)."""
 
     key: str
     title: str
     sampler: str
     steps: int
-    scale: float
+    scale: float = 0.0
+    guide_scale: float = 1.0
 
 
 SETTINGS = (
-    Setting("ddpm100", "DDPM 100, no guidance", "ddpm", 100, 0.0),
+    Setting("ddpm100", "DDPM 100, no guidance", "ddpm", 100),
     Setting("ddpm100_s1", "DDPM 100, classifier s=1", "ddpm", 100, 1.0),
     Setting("ddpm100_s3", "DDPM 100, classifier s=3", "ddpm", 100, 3.0),
     Setting("ddpm100_s10", "DDPM 100, classifier s=10", "ddpm", 100, 10.0),
+    Setting("ddpm100_w2", "DDPM 100, autoguidance w=2", "ddpm", 100, guide_scale=2.0),
+    Setting("ddpm100_w3", "DDPM 100, autoguidance w=3", "ddpm", 100, guide_scale=3.0),
     Setting("ddpm25_s3", "DDPM 25, classifier s=3", "ddpm", 25, 3.0),
     Setting("dpm20_s3", "DPM-Solver++ 2M 20, classifier s=3", "dpm++2m", 20, 3.0),
     Setting("dpmsde20_s3", "DPM-Solver++ 2M SDE 20, classifier s=3", "dpm++2m-sde", 20, 3.0),
 )
+# Autoguidance's guide: the run's checkpoint at half its training, with these weights.
+GUIDE_WEIGHTS = "ema_0.995"
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -166,8 +179,19 @@ def _sample(out: Path, setting: Setting, per_digit: int, batch_size: int) -> Pat
             argv += ["--class_label", str(digit)]
         argv += ["--classifier", str(out / "classifier")]
         argv += ["--classifier_scale", str(setting.scale)]
+    if setting.guide_scale != 1:
+        argv += ["--guide_model", str(_guide(out)), "--guide_weights", GUIDE_WEIGHTS]
+        argv += ["--guide_scale", str(setting.guide_scale)]
     _cli(argv)
     return path
+
+
+def _guide(out: Path) -> Path:
+    """The guide of autoguidance: the diffusion run's checkpoint nearest half its training, a
+    weaker version of the final model made by the same training."""
+    checkpoints = list_checkpoints(out / "diffusion")
+    half = checkpoint_step(checkpoints[-1]) / 2
+    return min(checkpoints, key=lambda checkpoint: abs(checkpoint_step(checkpoint) - half))
 
 
 def _score(scorer: DigitsScorer, path: Path) -> dict:
@@ -199,6 +223,37 @@ def _grid(out: Path, rows: list[tuple[str, np.ndarray]], cell: int = 40) -> Path
     return path
 
 
+def _guidance_figure(out: Path, results: list[dict]) -> Path:
+    """Fréchet distance, precision and recall against the guidance scale, DDPM 100: classifier
+    guidance (s = 0 is no guidance) and autoguidance (w = 1 is no guidance)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ddpm100 = [r for r in results if r["sampler"] == "ddpm" and r["steps"] == 100]
+    curves = {
+        "classifier guidance (s)": [
+            (r["classifier_scale"], r) for r in ddpm100 if r["guide_scale"] == 1
+        ],
+        "autoguidance (w)": [(r["guide_scale"], r) for r in ddpm100 if r["classifier_scale"] == 0],
+    }
+    figure = Figure(figsize=(12, 3.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    names = {"frechet_distance": "Fréchet distance", "precision": "precision", "recall": "recall"}
+    for panel, (metric, name) in zip(figure.subplots(1, 3), names.items()):
+        for label, points in curves.items():
+            points = sorted(points, key=lambda point: point[0])
+            panel.plot([x for x, _ in points], [r[metric] for _, r in points], marker="o",
+                       label=label)  # fmt: skip
+        panel.set_xlabel("guidance scale")
+        panel.set_ylabel(name)
+        panel.set_xscale("symlog", linthresh=1.0)
+    figure.axes[0].legend(fontsize="small")
+    path = out / "guidance.png"
+    with atomic_path(path, overwrite=True) as temporary:
+        figure.savefig(temporary, format="png")
+    return path
+
+
 def _report(out: Path, results: list[dict], timings: dict) -> None:
     atomic_write_text(
         out / "report.json",
@@ -208,21 +263,26 @@ def _report(out: Path, results: list[dict], timings: dict) -> None:
     lines = [
         "# admkit demo report",
         "",
-        "Digits 16×16; an unconditional diffusion model guided by a noise-aware classifier.",
+        "Digits 16×16; an unconditional diffusion model guided by a noise-aware classifier",
+        "(classifier s), or by an earlier checkpoint of its own training (autoguidance w).",
         "Judged accuracy: share of samples an independent judge classifies as the requested",
-        "digit (chance is 10%). Fréchet distance, precision and recall: in the judge's features,",
-        "against the 360 held-out real digits.",
+        "digit (chance is 10%; autoguidance asks for no digit). Fréchet distance, precision and",
+        "recall: in the judge's features, against the 360 held-out real digits. Network evals:",
+        "passes of a diffusion network per image (the guide's too; classifier gradients aside).",
         "",
-        "| setting | judged accuracy | Fréchet distance | precision | recall | evals | seconds |",
+        "| setting | judged accuracy | Fréchet distance | precision | recall | network evals "
+        "| seconds |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r['title']} | {r['judged_accuracy']:.1%} | {r['frechet_distance']:.2f} | "
-            f"{r['precision']:.3f} | {r['recall']:.3f} | {r['model_evals']} | "
+            f"{r['precision']:.3f} | {r['recall']:.3f} | {r['network_evals']} | "
             f"{r['seconds'] if r['seconds'] is not None else 'reused'} |"
         )
     lines += [
+        "",
+        "![guidance scale against Fréchet distance, precision and recall](guidance.png)",
         "",
         f"Stage times of this run (s; a reused stage takes ~0): {json.dumps(timings)}",
         "",
@@ -278,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
         results.append(
             {"key": setting.key, "title": setting.title, "sampler": setting.sampler,
              "steps": setting.steps, "classifier_scale": setting.scale,
-             "model_evals": setting.steps,
+             "guide_scale": setting.guide_scale,
+             "network_evals": setting.steps * (2 if setting.guide_scale != 1 else 1),
              "classifier_gradients": setting.steps if setting.scale > 0 else 0,
              "seconds": seconds, **scores}
         )  # fmt: skip
@@ -292,7 +353,8 @@ def run(args: argparse.Namespace) -> int:
     timings["sampling"] = round(time.perf_counter() - start - sum(timings.values()), 1)
     timings["total"] = round(time.perf_counter() - start, 1)
     grid = _grid(out, rows)
+    figure = _guidance_figure(out, results)
     _report(out, results, timings)
-    _say(f"wrote {grid}, {out / 'loss.png'}, {out / 'report.md'}, {out / 'report.json'}")
+    _say(f"wrote {grid}, {figure}, {out / 'loss.png'}, {out / 'report.md'}, {out / 'report.json'}")
     _say(f"done in {timings['total']:.0f} s")
     return 0
