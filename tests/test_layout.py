@@ -26,6 +26,7 @@ FORBIDDEN = {
     "judge": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
     "generate": {"unet", "nn", "train", "cli", "compat"},
     "compilation": {"unet", "nn", "diffusion", "samplers", "train", "generate", "cli", "compat"},
+    "gradients": {"unet", "nn", "diffusion", "samplers", "train", "cli", "compat"},
     "noise": {"unet", "nn", "diffusion", "samplers", "guidance", "train", "cli", "compat"},
     "phema": {"unet", "nn", "diffusion", "samplers", "train", "checkpoint", "cli", "compat"},
     "quality": {"unet", "nn", "diffusion", "samplers", "train", "cli", "compat"},

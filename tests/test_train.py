@@ -15,8 +15,9 @@ import torch
 
 from admkit import checkpoint as ckpt
 from admkit.errors import UserError
+from admkit.gradients import forward_backward
 from admkit.runlog import read_log
-from admkit.train import EMA, TrainConfig, forward_backward, train
+from admkit.train import EMA, TrainConfig, train
 from toy_train import T, noisy_loss, plain_loss, toy_batches, toy_model
 
 SCRIPT = Path(__file__).parent / "toy_train.py"

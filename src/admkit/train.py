@@ -18,11 +18,13 @@ The loop does not know what it trains. It receives
   of tensors whose first dimension is the example. The iterator is closed (when it has
   ``close``, as generators do) when ``train`` returns or raises, stopping any loading processes.
 
-The model ``loss_fn`` receives may be wrapped (DDP, ``torch.compile``): call it, don't read its
-attributes. ``loss_fn`` may also carry state across steps (a loss-aware timestep sampler): if it has
-``observe(terms)``, it is called after every step that was applied, on every rank, with the
-detached terms of the whole global batch (``[batch_size]`` each, ranks concatenated); if it has
-``state_dict()`` / ``load_state_dict()``, that state is checkpointed with the run.
+Each step's gradient comes from :func:`admkit.gradients.forward_backward` (micro-batches, the
+examples' generators, autocast). The model ``loss_fn`` receives may be wrapped (DDP,
+``torch.compile``): call it, don't read its attributes. ``loss_fn`` may also carry state across
+steps (a loss-aware timestep sampler): if it has ``observe(terms)``, it is called after every
+step that was applied, on every rank, with the detached terms of the whole global batch
+(``[batch_size]`` each, ranks concatenated); if it has ``state_dict()`` /
+``load_state_dict()``, that state is checkpointed with the run.
 
 ``after_step(step, weights)``, when given, is called on every rank after every step, before the
 step's checkpoint (so a run resumed from that checkpoint has it done): ``weights(name)`` returns
@@ -53,8 +55,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -69,18 +70,24 @@ from admkit import checkpoint as ckpt
 from admkit import distributed as dist
 from admkit.compilation import inductor_options
 from admkit.errors import UserError
-from admkit.noise import derived_seed, seeded_generators
+from admkit.gradients import (
+    PRECISIONS,
+    LossFn,
+    example_generators,
+    forward_backward,
+    map_tensors,
+    num_examples,
+)
+from admkit.noise import derived_seed
 from admkit.phema import MAX_SIGMA_REL, PowerFunctionEMA
 from admkit.runlog import Meter, plot_losses, plot_metrics, truncate_log
 
-LossFn = Callable[[torch.nn.Module, Any, Sequence[torch.Generator]], Mapping[str, Any]]
 BatchSource = Callable[[int], Iterator[Any]]
 Weights = Callable[[str], Mapping[str, torch.Tensor]]
 AfterStep = Callable[[int, Weights], Mapping[str, Any] | None]
-PRECISIONS = ("fp32", "bf16", "fp16")
-# Seed streams: the examples' generators, the per-process global generators (dropout), and the
-# examples' generators of a held-out evaluation (train-classifier --val_data).
-EXAMPLE_STREAM, GLOBAL_STREAM, EVALUATION_STREAM = 0, 1, 2
+# The seed stream of each process's global generators (dropout); the examples' generators use
+# admkit.gradients' streams.
+GLOBAL_STREAM = 1
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")  # where torch's AdamW has a fused kernel
 # Options that may change when a run is resumed; any other change is refused.
 RESUMABLE = (
@@ -208,108 +215,6 @@ class EMA:
     def load_state_dict(self, rate: float, state: Mapping[str, torch.Tensor]) -> None:
         for average, name in zip(self.averages[rate], self.names):
             average.copy_(state[name])
-
-
-def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return {key: _map_tensors(value, fn) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_map_tensors(value, fn) for value in batch)
-    return batch
-
-
-def _leading_sizes(batch: Any) -> list[int]:
-    if isinstance(batch, torch.Tensor):
-        return [batch.shape[0]] if batch.ndim else []
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(items, (tuple, list)) or isinstance(batch, Mapping):
-        return [size for item in items for size in _leading_sizes(item)]
-    return []
-
-
-def _num_examples(batch: Any) -> int:
-    sizes = _leading_sizes(batch)
-    if not sizes:
-        raise ValueError("a batch must hold at least one tensor with an example dimension")
-    return sizes[0]
-
-
-def _split_terms(terms: Mapping[str, Any], n: int) -> dict[str, torch.Tensor]:
-    """Check the loss function's output: every tensor entry is per example, ``[n]``."""
-    if "loss" not in terms:
-        raise ValueError(f"loss_fn must return a 'loss' entry; it returned {sorted(terms)}")
-    checked = {}
-    for key, value in terms.items():
-        if key == "num_timesteps":
-            continue
-        if not isinstance(value, torch.Tensor) or value.shape != (n,):
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"loss_fn entry {key!r} must be a [{n}] tensor, got {shape}")
-        checked[key] = value
-    if "t" in checked and "num_timesteps" not in terms:
-        raise ValueError("loss_fn returned 't' without 'num_timesteps' (T)")
-    return checked
-
-
-def forward_backward(
-    model: torch.nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    *,
-    microbatch: int = 0,
-    generators: Sequence[torch.Generator] | None = None,
-    precision: str = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, Any]:
-    """Accumulate into ``.grad`` the gradient of the batch's mean weighted loss.
-
-    The batch of ``N`` examples runs in micro-batches of ``microbatch`` (<= 0: all at once); each
-    micro-batch's summed loss is divided by ``N``, so the gradients add up to the full batch's.
-    Under DDP only the last micro-batch all-reduces. ``generators`` (one per example, or None)
-    are split with the batch. Returns the detached terms, ``[N]`` each (plus ``num_timesteps``
-    when given).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-    size = _num_examples(batch)
-    if generators is not None and len(generators) != size:
-        raise ValueError(f"got {len(generators)} generators for a batch of {size}")
-    step = microbatch if 0 < microbatch < size else size
-    device_type = next(model.parameters()).device.type
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    parts: list[dict[str, torch.Tensor]] = []
-    num_timesteps = None
-    for start in range(0, size, step):
-        part = _map_tensors(batch, lambda x, a=start: x[a : a + step] if x.ndim else x)
-        # Under DDP, gradients are all-reduced once, in the last micro-batch's backward.
-        defer_sync = isinstance(model, DistributedDataParallel) and start + step < size
-        with model.no_sync() if defer_sync else nullcontext():
-            with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-                part_generators = generators[start : start + step] if generators else None
-                raw = loss_fn(model, part, part_generators)
-            terms = _split_terms(raw, min(step, size - start))
-            num_timesteps = raw.get("num_timesteps", num_timesteps)
-            weight = terms["weight"].float() if "weight" in terms else 1.0
-            objective = (terms["loss"].float() * weight).sum() / size
-            (scaler.scale(objective) if scaler is not None else objective).backward()
-        parts.append({key: value.detach() for key, value in terms.items()})
-    merged: dict[str, Any] = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    if num_timesteps is not None:
-        merged["num_timesteps"] = int(num_timesteps)
-    return merged
-
-
-def example_generators(
-    seed: int,
-    step: int,
-    indices: Sequence[int],
-    device: torch.device | str = "cpu",
-    stream: int = EXAMPLE_STREAM,
-) -> list[torch.Generator]:
-    """The generators of the examples at positions ``indices`` of global batch ``step``."""
-    return seeded_generators((derived_seed(seed, step, i, stream) for i in indices), device)
 
 
 def _lr_at(config: TrainConfig, step: int) -> float:
@@ -538,12 +443,12 @@ def train(
                 batch = next(source, None)
                 if batch is None:
                     raise ValueError(f"the batch source ran out at step {step}")
-                if _num_examples(batch) != local_batch:
+                if num_examples(batch) != local_batch:
                     raise ValueError(
-                        f"step {step}: got {_num_examples(batch)} examples, expected "
+                        f"step {step}: got {num_examples(batch)} examples, expected "
                         f"{local_batch} (batch_size {config.batch_size} / {world_size} processes)"
                     )
-                batch = _map_tensors(batch, lambda x: x.to(device, non_blocking=True))
+                batch = map_tensors(batch, lambda x: x.to(device, non_blocking=True))
                 lr = _lr_at(config, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -19,21 +19,23 @@ from admkit.checkpoint import config_dir
 from admkit.cli.models import load_model
 from admkit.cli.options import add_model_options, spellings
 from admkit.cli.sampling import (
-    STEPS_HELP,
     UPSAMPLER_STREAM,
-    add_guidance_options,
-    add_sampling_options,
     base_stage,
     build_stage,
-    check_guidance_options,
-    check_sampling_options,
-    choose_sampler,
     common_num_classes,
     load_base_models,
     requested_labels,
     sample_and_write,
-    sampler_list,
     sampling_chain,
+)
+from admkit.cli.sampling_options import (
+    STEPS_HELP,
+    add_guidance_options,
+    add_sampling_options,
+    check_guidance_options,
+    check_sampling_options,
+    choose_sampler,
+    sampler_list,
 )
 from admkit.errors import UserError
 from admkit.generate import check_outputs, draw_labels

@@ -29,15 +29,17 @@ from admkit.cli.models import LoadedModel, load_model
 from admkit.cli.options import add_model_options, spellings
 from admkit.cli.sampling import (
     BaseModels,
-    add_guidance_options,
-    add_sampling_options,
     base_stage,
-    check_guidance_options,
-    check_sampling_options,
-    choose_sampler,
     common_num_classes,
     load_base_models,
     requested_labels,
+)
+from admkit.cli.sampling_options import (
+    add_guidance_options,
+    add_sampling_options,
+    check_guidance_options,
+    check_sampling_options,
+    choose_sampler,
 )
 from admkit.data import DIGITS_SPECS
 from admkit.errors import UserError

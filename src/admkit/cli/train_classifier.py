@@ -22,8 +22,9 @@ from admkit.cli.models import build_diffusion, build_network
 from admkit.cli.options import add_model_options, preset_flags, resolve_flags, spellings
 from admkit.data import ImageDataset, StepBatchSampler
 from admkit.errors import UserError
+from admkit.gradients import EVALUATION_STREAM, example_generators
 from admkit.objectives import ClassifierLoss
-from admkit.train import EVALUATION_STREAM, TrainConfig, example_generators
+from admkit.train import TrainConfig
 
 DESCRIPTION = (
     "Train a noise-aware classifier (the EncoderUNet) for classifier guidance. Rerunning the "

@@ -37,7 +37,8 @@ import torch
 from admkit import distributed, quality
 from admkit.checkpoint import JUDGE_NAME
 from admkit.cli.options import spellings
-from admkit.cli.sampling import BASE_STREAM, ETA_SAMPLERS, UPSAMPLER_STREAM, sampling_chain
+from admkit.cli.sampling import BASE_STREAM, UPSAMPLER_STREAM, sampling_chain
+from admkit.cli.sampling_options import ETA_SAMPLERS
 from admkit.data import DIGITS_SPECS, ImageDataset, make_low_res
 from admkit.diffusion import Diffusion
 from admkit.errors import UserError

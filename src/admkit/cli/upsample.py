@@ -21,17 +21,19 @@ from admkit import distributed
 from admkit.cli.models import LoadedModel, load_model
 from admkit.cli.options import add_model_options, spellings
 from admkit.cli.sampling import (
-    STEPS_HELP,
     UPSAMPLER_STREAM,
-    add_sampling_options,
     build_stage,
+    requested_labels,
+    sample_and_write,
+    sampling_chain,
+)
+from admkit.cli.sampling_options import (
+    STEPS_HELP,
+    add_sampling_options,
     check_sampling_options,
     choose_sampler,
     parse_interval,
-    requested_labels,
-    sample_and_write,
     sampler_list,
-    sampling_chain,
 )
 from admkit.data import read_npz_images
 from admkit.errors import UserError
