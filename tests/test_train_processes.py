@@ -2,7 +2,7 @@
 GPUs"): every training command, run for real on a tiny model, alone, with micro-batches of 4,
 and under a 2-process torchrun, ends with the same weights.
 
-Each example draws its timestep, noise, label drop, low-res noise (and flip) from a generator of
+Each example draws its timestep, noise, label drop, low-res noise, flip and dropout masks from
 (seed, step, its position in the global batch), so the only differences left are float summation
 orders (batched convolutions, the all-reduce), which Adam amplifies a little over 20 steps.
 """
@@ -30,11 +30,11 @@ DIFFUSION = [
     *("--num_head_channels", "32", "--learn_sigma", "False", "--class_cond", "False"),
     *("--ema_rate", "0.99"),
 ]
-# Labels dropped for classifier-free guidance, learned variances, flips, and timesteps drawn by
-# importance (8 of them, so the loss-aware sampler warms up after 5 steps).
+# Labels dropped for classifier-free guidance, dropout, learned variances, flips, and timesteps
+# drawn by importance (8 of them, so the loss-aware sampler warms up after 5 steps).
 CONDITIONAL = [
     *("train", "--data", "digits", "--image_size", "8", "--num_channels", "32"),
-    *("--num_res_blocks", "1", "--class_cond", "True", "--cfg_dropout", "0.3"),
+    *("--num_res_blocks", "1", "--class_cond", "True", "--cfg_dropout", "0.3", "--dropout", "0.3"),
     *("--learn_sigma", "True", "--schedule_sampler", "loss-second-moment", "--random_flip", "True"),
     *("--diffusion_steps", "8", "--noise_schedule", "cosine", "--ema_rate", "0.9"),
 ]

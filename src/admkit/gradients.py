@@ -5,7 +5,8 @@ A batch is a tensor or a (nested) tuple, list or dict of tensors whose first dim
 example. The loss function ``loss_fn(model, batch, generators)`` returns per-example terms
 (see ``admkit.train``); ``generators`` holds one ``torch.Generator`` per example, seeded by (seed,
 step, the example's place in the global batch, stream), so an example draws the same numbers in
-any micro-batch and on any process.
+any micro-batch and on any process; the network's dropout layers draw their masks from the same
+seeds (``admkit.nn.ExampleDropout``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from admkit.noise import derived_seed, seeded_generators
+from admkit.noise import derived_seed, example_seeds, seeded_generators
 
 LossFn = Callable[[torch.nn.Module, Any, Sequence[torch.Generator]], Mapping[str, Any]]
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -101,9 +102,12 @@ def forward_backward(
         part = map_tensors(batch, lambda x, a=start: x[a : a + step] if x.ndim else x)
         # Under DDP, gradients are all-reduced once, in the last micro-batch's backward.
         defer_sync = isinstance(model, DistributedDataParallel) and start + step < size
-        with model.no_sync() if defer_sync else nullcontext():
+        part_generators = generators[start : start + step] if generators else None
+        # Dropout masks come from the examples' seeds, in the forward and in the backward,
+        # where checkpointed blocks recompute (admkit.nn.ExampleDropout).
+        seeds = [g.initial_seed() for g in part_generators] if part_generators else None
+        with model.no_sync() if defer_sync else nullcontext(), example_seeds(seeds):
             with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-                part_generators = generators[start : start + step] if generators else None
                 raw = loss_fn(model, part, part_generators)
             terms = _split_terms(raw, min(step, size - start))
             num_timesteps = raw.get("num_timesteps", num_timesteps)

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from admkit.noise import current_example_seeds, derived_seed, seeded_generators
+
 NUM_GROUPS = 32  # every GroupNorm of the network has 32 groups
 
 
@@ -294,6 +296,49 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
+class ExampleDropout(nn.Module):
+    """Dropout whose mask for each example comes from that example's own seed.
+
+    While :func:`admkit.noise.example_seeds` holds one seed per example of the batch (the
+    training loop sets them), example n's mask in this layer is drawn from a generator seeded by
+    (seed_n, ``stream``): the same in any batch, micro-batch or process, and the same again when
+    a checkpointed block is recomputed in the backward pass. ``stream`` tells the layers of a
+    network apart (see :func:`number_dropout_layers`). Without seeds, and inside
+    ``torch.compile``, it is torch's dropout, drawn from the global generator.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability {p} must lie in [0, 1)")
+        self.p = p
+        self.stream = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        seeds = current_example_seeds()
+        if seeds is None or len(seeds) != x.shape[0] or torch.compiler.is_compiling():
+            return F.dropout(x, self.p, training=True)
+        generators = seeded_generators(
+            (derived_seed(seed, self.stream) for seed in seeds), x.device
+        )
+        uniform = torch.stack(
+            [torch.rand(x.shape[1:], generator=g, device=x.device) for g in generators]
+        )
+        return x * (uniform >= self.p).to(x.dtype) / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, stream={self.stream}"
+
+
+def number_dropout_layers(network: nn.Module) -> None:
+    """Give each :class:`ExampleDropout` of ``network`` its own stream, in module order."""
+    layers = [m for m in network.modules() if isinstance(m, ExampleDropout)]
+    for stream, layer in enumerate(layers):
+        layer.stream = stream
+
+
 class ResBlock(TimestepBlock):
     """Residual block conditioned on the embedding e, optionally resampling (BigGAN style).
 
@@ -343,7 +388,7 @@ class ResBlock(TimestepBlock):
         self.out_layers = nn.Sequential(
             normalization(out_channels),
             nn.SiLU(),
-            nn.Dropout(p=dropout),
+            ExampleDropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         if out_channels == channels:

@@ -8,13 +8,16 @@ neighbouring words give unrelated streams.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
+_EXAMPLE_SEEDS: ContextVar[tuple[int, ...] | None] = ContextVar("example_seeds", default=None)
 
 
 def derived_seed(*words: int) -> int:
@@ -68,3 +71,20 @@ def rand(
     if len(generator) != num:
         raise ValueError(f"got {len(generator)} generators for {num} numbers")
     return torch.stack([torch.rand((), generator=g, device=device, dtype=dtype) for g in generator])
+
+
+@contextmanager
+def example_seeds(seeds: Sequence[int] | None) -> Iterator[None]:
+    """Make ``seeds`` (one per example of the batch being computed) the examples' seeds for the
+    random layers that read them (``admkit.nn.ExampleDropout``), within the block: forward and
+    backward, where checkpointed blocks are recomputed."""
+    token = _EXAMPLE_SEEDS.set(None if seeds is None else tuple(int(s) for s in seeds))
+    try:
+        yield
+    finally:
+        _EXAMPLE_SEEDS.reset(token)
+
+
+def current_example_seeds() -> tuple[int, ...] | None:
+    """The seeds set by :func:`example_seeds`, or None outside it."""
+    return _EXAMPLE_SEEDS.get()

@@ -32,6 +32,7 @@ from admkit.nn import (
     Upsample,
     heads_for,
     normalization,
+    number_dropout_layers,
     timestep_embedding,
     zero_module,
 )
@@ -346,6 +347,7 @@ class UNet(_Trunk):
             nn.SiLU(),
             zero_module(nn.Conv2d(ch, config.out_channels, 3, padding=1)),
         )
+        number_dropout_layers(self)
 
     def _trunk_modules(self) -> list[nn.Module]:
         return [self.input_blocks, self.middle_block, self.output_blocks]
@@ -455,6 +457,7 @@ class EncoderUNet(_Trunk):
                     nn.SiLU(),
                     nn.Linear(2048, out),
                 )
+        number_dropout_layers(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
         emb = self._embed(t, x)
