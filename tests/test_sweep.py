@@ -245,3 +245,20 @@ def test_bad_sweeps_are_one_line_errors(run, tmp_path, capsys):
     code = main(["sweep", "--model", str(foreign), "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--ref REF.npz" in err[0]
+
+
+def test_a_weights_file_added_to_a_checkpoint_is_part_of_a_cells_identity(tmp_path):
+    # admkit ema writes phema files into a checkpoint after it was saved (its manifest does not
+    # change): a sweep or sampling job reading one must see when it is written again.
+    import safetensors.torch
+
+    from admkit.checkpoint import save_checkpoint
+    from admkit.partial_samples import weights_identity
+
+    checkpoint = save_checkpoint(tmp_path, 1, {"model": {"w": torch.zeros(2)}}, {"step": 1})
+    added = checkpoint / "phema_0.04.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, added)
+    before = weights_identity(tmp_path, "phema_0.04")
+    safetensors.torch.save_file({"w": torch.zeros(3)}, added)
+    assert weights_identity(tmp_path, "phema_0.04") != before
+    assert weights_identity(tmp_path) == weights_identity(tmp_path, "model")

@@ -41,15 +41,22 @@ def file_identity(path: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def weights_identity(spec: str | os.PathLike) -> dict[str, Any] | None:
+def weights_identity(spec: str | os.PathLike, weights: str | None = None) -> dict[str, Any] | None:
     """``file_identity`` of the weights a ``--model``-style argument reads: a file itself, a
     checkpoint folder's manifest, or the manifest of a run's newest checkpoint (so that a run
-    that has trained on since is another job)."""
+    that has trained on since is another job); with ``weights`` naming a file that was added to
+    the checkpoint after it was saved (``admkit ema``), that file's identity too."""
     path = Path(spec)
     if not path.is_dir():
         return file_identity(path)
     checkpoint = path if is_checkpoint_folder(path) else latest_checkpoint(path)
-    return file_identity(checkpoint / MANIFEST) if checkpoint is not None else None
+    if checkpoint is None:
+        return None
+    identity = file_identity(checkpoint / MANIFEST)
+    added = checkpoint / f"{weights}.safetensors"
+    if weights is not None and added.is_file():
+        identity["weights_file"] = file_identity(added)
+    return identity
 
 
 class PartialSamples:

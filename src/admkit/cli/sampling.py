@@ -269,6 +269,10 @@ NOT_PART_OF_THE_JOB = {
 }
 
 
+# The option that picks the weights of a weights argument of ``sample_and_write``.
+CHOSEN_WEIGHTS = {"model": "weights", "guide_model": "guide_weights"}
+
+
 def sample_and_write(
     args: argparse.Namespace,
     stages: list[Stage],
@@ -292,7 +296,11 @@ def sample_and_write(
     }
     job = {
         "options": options,
-        "weights": {name: weights_identity(spec) for name, spec in weights.items() if spec},
+        "weights": {
+            name: weights_identity(spec, getattr(args, CHOSEN_WEIGHTS.get(name, ""), None))
+            for name, spec in weights.items()
+            if spec
+        },
         "inputs": {name: file_identity(path) for name, path in (inputs or {}).items()},
     }
     partial = PartialSamples(args.out, job, overwrite=args.overwrite)

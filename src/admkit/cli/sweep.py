@@ -205,7 +205,7 @@ def cell_identity(
     guided = models.guide is not None and options.guide_scale != 1
     classified = models.classifier is not None and models.classifier_scale != 0
     return {
-        "model": [weights_identity(options.model), options.weights, options.preset],
+        "model": [weights_identity(options.model, options.weights), options.preset],
         "sampling": {
             name: getattr(options, name)
             for name in (
@@ -226,7 +226,7 @@ def cell_identity(
         "classifier": [weights_identity(options.classifier), models.classifier_scale]
         if classified
         else None,
-        "guide": [weights_identity(options.guide_model), options.guide_weights, options.guide_scale]
+        "guide": [weights_identity(options.guide_model, options.guide_weights), options.guide_scale]
         if guided
         else None,
         "labels": None if labels is None else labels.tolist(),
