@@ -19,7 +19,7 @@ from admkit.cli import main
 from admkit.cli import sweep as sweep_cli
 from admkit.errors import UserError
 from admkit.metrics.inception import random_inception
-from admkit.sweep import grid, parse_axis
+from admkit.sweep import Axis, grid, parse_axis
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1"]
@@ -262,3 +262,19 @@ def test_a_weights_file_added_to_a_checkpoint_is_part_of_a_cells_identity(tmp_pa
     safetensors.torch.save_file({"w": torch.zeros(3)}, added)
     assert weights_identity(tmp_path, "phema_0.04") != before
     assert "weights_file" not in weights_identity(tmp_path)  # no name: the manifest alone
+
+
+def test_post_hoc_ema_profiles_are_plotted_against_their_sigma_rel(tmp_path):
+    from admkit.sweep import _abscissa, plot_results
+
+    labels = ("ema_0.999", "phema_0.05", "phema_0.10", "model")
+    axis = Axis("weights", labels, labels)
+    x_label, x_of = _abscissa(axis)
+    assert "sigma_rel" in x_label and [x_of(label) for label in labels] == [None, 0.05, 0.1, None]
+    assert _abscissa(Axis("sampler", ("ddpm", "ddim"), ("ddpm", "ddim"))) is None
+    rows = [
+        {"weights": label, "frechet_distance": fd, "precision": 0.8, "recall": 0.9}
+        for label, fd in zip(labels, (40.0, 45.0, 38.0, 900.0))
+    ]
+    plots = plot_results(tmp_path, [axis], rows, ["frechet_distance", "precision", "recall"])
+    assert [p.name for p in plots] == ["vs_weights.png", "precision_recall.png"]

@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,29 +252,60 @@ def plot_results(
     rows: Sequence[Mapping[str, Any]],
     metrics: Sequence[str],
 ) -> list[Path]:
-    """One figure per numeric axis (a panel per metric) and the precision-recall figure."""
+    """One figure per numeric axis (a panel per metric) and the precision-recall figure.
+
+    A weights axis with post-hoc EMA profiles (``phema_0.05``...) is plotted against their
+    σ_rel; its other values (``ema_0.999``, ``model``) are drawn as horizontal lines.
+    """
     written = []
     shown = [m for m in metrics if any(not _missing(row[m]) for row in rows)]
     for axis in axes:
-        if len(axis.values) < 2 or not axis.numeric or not shown:
+        abscissa = _abscissa(axis)
+        if len(axis.values) < 2 or abscissa is None or not shown:
             continue
+        x_label, x_of = abscissa
         figure = _figure(len(shown))
         for panel, metric in zip(figure.subplots(1, len(shown), squeeze=False)[0], shown):
             for label, group in _groups(rows, axes, axis).items():
-                points = sorted(
-                    (_value_of(axis, row[axis.name]), row[metric])
-                    for row in group
-                    if not _missing(row[metric])
-                )
+                valid = [row for row in group if not _missing(row[metric])]
+                points = sorted((x_of(row[axis.name]), row[metric]) for row in valid
+                                if x_of(row[axis.name]) is not None)  # fmt: skip
                 if points:
-                    panel.plot(*zip(*points), marker="o", label=label or None)
-            panel.set_xlabel(axis.name)
+                    line = panel.plot(*zip(*points), marker="o", label=label or None)[0]
+                    _reference_lines(panel, axis, valid, metric, x_of, points, line.get_color())
+            panel.set_xlabel(x_label)
             panel.set_ylabel(metric)
         _legend(figure)
         written.append(_save(figure, folder / f"vs_{axis.name}.png"))
     if {"precision", "recall"} <= set(shown):
         written.append(_save(_precision_recall(axes, rows), folder / "precision_recall.png"))
     return written
+
+
+PHEMA_LABEL = re.compile(r"^phema_(\d*\.?\d+)$")
+
+
+def _abscissa(axis: Axis) -> tuple[str, Callable[[str], float | None]] | None:
+    """(x label, label -> x or None) for an axis that can be plotted along x, or None."""
+    if axis.numeric:
+        return axis.name, lambda label: _value_of(axis, label)
+    sigma = {label: float(m.group(1)) for label in axis.labels if (m := PHEMA_LABEL.match(label))}
+    if len(sigma) >= 2:
+        return f"sigma_rel of {axis.name} phema_*", sigma.get
+    return None
+
+
+def _reference_lines(panel, axis, rows, metric, x_of, points, color) -> None:
+    """Dashed lines for the values of ``axis`` that have no x (classic EMAs beside post-hoc
+    ones), where they fall near the curve's range (a far one would flatten the curve)."""
+    low, high = min(y for _, y in points), max(y for _, y in points)
+    span = max(high - low, 1e-12)
+    for row in rows:
+        y = row[metric]
+        if x_of(row[axis.name]) is None and low - span <= y <= high + span:
+            panel.axhline(y, linestyle="--", linewidth=0.8, color=color, alpha=0.6)
+            panel.annotate(row[axis.name], (points[0][0], y), fontsize="x-small",
+                           xytext=(2, 2), textcoords="offset points")  # fmt: skip
 
 
 def _missing(value: Any) -> bool:
