@@ -221,9 +221,14 @@ def _groups(
     others = [a for a in axes if a.name != along.name and len(a.values) > 1]
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
-        label = ", ".join(f"{a.name}={row[a.name]}" for a in others)
+        label = ", ".join(f"{a.name}={_short(row[a.name])}" for a in others)
         groups.setdefault(label, []).append(row)
     return groups
+
+
+def _short(label: str) -> str:
+    """A value for a legend: a path (a checkpoint, a weights file) by its last part."""
+    return Path(label).name if "/" in label else label
 
 
 def _value_of(axis: Axis, label: str) -> Any:
