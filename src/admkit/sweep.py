@@ -318,9 +318,11 @@ def _missing(value: Any) -> bool:
 
 
 def _legend(figure) -> None:
-    axes = figure.axes
-    if axes and axes[0].get_legend_handles_labels()[1]:
-        axes[0].legend(fontsize="x-small")
+    """One legend for the figure, below its panels, where it hides no curve."""
+    handles, labels = figure.axes[0].get_legend_handles_labels() if figure.axes else ([], [])
+    if labels:
+        columns = min(len(labels), 3)
+        figure.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize="small")
 
 
 def _precision_recall(axes: Sequence[Axis], rows: Sequence[Mapping[str, Any]]):

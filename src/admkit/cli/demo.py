@@ -247,6 +247,9 @@ def _guidance_figure(out: Path, results: list[dict]) -> Path:
         panel.set_xlabel("guidance scale")
         panel.set_ylabel(name)
         panel.set_xscale("symlog", linthresh=1.0)
+        scales = sorted({x for points in curves.values() for x, _ in points})
+        panel.set_xticks(scales, [f"{x:g}" for x in scales])
+        panel.minorticks_off()
     figure.axes[0].legend(fontsize="small")
     path = out / "guidance.png"
     with atomic_path(path, overwrite=True) as temporary:
