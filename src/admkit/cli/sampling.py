@@ -174,6 +174,25 @@ def base_stage(
     )
 
 
+def sampler_options(
+    sampler: str, base: Diffusion, *, eta: float | None = None, s_churn: float | None = None
+) -> dict[str, Any]:
+    """The sampler's own keyword arguments: η where it takes one, Heun's churn and the model's
+    own noise levels (``base``, the unrespaced chain) that Heun rounds its levels to."""
+    options: dict[str, Any] = {}
+    if sampler in ETA_SAMPLERS:
+        options["eta"] = eta or 0.0
+    if sampler == "heun":
+        options.update(s_churn=s_churn or 0.0, noise_levels=base)
+    return options
+
+
+def image_shape(kind: str, flags: dict) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images a model of ``kind`` makes (an upsampler: its large size)."""
+    size = flags["large_size"] if kind == "upsampler" else flags["image_size"]
+    return (3, size, size)
+
+
 def build_stage(
     loaded: LoadedModel,
     *,
@@ -213,18 +232,12 @@ def build_stage(
         cond_fn = classifier_grad_fn(classifier.network.to(device), classifier_scale)
         if interval:
             cond_fn = guidance_interval(cond_fn, zero_cond_fn, base, *interval)
-    options: dict = {}
-    if sampler in ETA_SAMPLERS:
-        options["eta"] = args.eta or 0.0
-    if sampler == "heun":
-        options.update(s_churn=args.s_churn or 0.0, noise_levels=base)
-    size = loaded.flags["large_size"] if loaded.kind == "upsampler" else loaded.flags["image_size"]
     return Stage(
         model_fn=model_fn,
         diffusion=diffusion,
-        shape=(3, size, size),
+        shape=image_shape(loaded.kind, loaded.flags),
         sampler=sampler,
-        options=options,
+        options=sampler_options(sampler, base, eta=args.eta, s_churn=args.s_churn),
         cond_fn=cond_fn,
         clip_denoised=args.clip_denoised,
         denoised_fn=dynamic_threshold(args.dynamic_threshold) if args.dynamic_threshold else None,

@@ -37,8 +37,13 @@ import torch
 from admkit import distributed, quality
 from admkit.checkpoint import JUDGE_NAME
 from admkit.cli.options import spellings
-from admkit.cli.sampling import BASE_STREAM, UPSAMPLER_STREAM, sampling_chain
-from admkit.cli.sampling_options import ETA_SAMPLERS
+from admkit.cli.sampling import (
+    BASE_STREAM,
+    UPSAMPLER_STREAM,
+    image_shape,
+    sampler_options,
+    sampling_chain,
+)
 from admkit.data import DIGITS_SPECS, ImageDataset, make_low_res
 from admkit.diffusion import Diffusion
 from admkit.errors import UserError
@@ -246,18 +251,14 @@ def sampling_stage(
     """The stage that samples ``network`` as ``admkit sample`` (``upsample`` for an upsampler)
     would with ``--sampler`` and ``--steps`` alone: no guidance, x̂_0 clipped, η 0 where a sampler
     takes one, in the run's precision."""
-    options: dict = {"eta": 0.0} if sampler in ETA_SAMPLERS else {}
-    if sampler == "heun":
-        options = {"s_churn": 0.0, "noise_levels": base}
-    size = flags["large_size"] if kind == "upsampler" else flags["image_size"]
     return Stage(
         model_fn=network_fn(
             network, class_conditional=flags["class_cond"], precision=precision, device=device
         ),
         diffusion=diffusion,
-        shape=(3, size, size),
+        shape=image_shape(kind, flags),
         sampler=sampler,
-        options=options,
+        options=sampler_options(sampler, base),
         noise_stream=UPSAMPLER_STREAM if kind == "upsampler" else BASE_STREAM,
         takes_low_res=kind == "upsampler",
     )
