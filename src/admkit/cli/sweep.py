@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from admkit import distributed
 from admkit.checkpoint import atomic_write_text, config_dir, read_config
@@ -422,7 +423,8 @@ def run(args: argparse.Namespace) -> int:
                           overwrite=True)  # fmt: skip
                 store.put(keys[index], record)
         except KeyboardInterrupt:
-            print(
+            # tqdm.write: on a line of its own, not after the cell's progress bar.
+            tqdm.write(
                 f"admkit sweep: the finished cells are kept in {store.folder}; rerun the same "
                 "command to continue",
                 file=sys.stderr,
