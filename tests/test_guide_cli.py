@@ -29,6 +29,13 @@ def runs(tmp_path_factory):
         "other_schedule": run_dir(
             root, "other_schedule", "diffusion", {**MODEL, "noise_schedule": "linear"}, seed=15
         ),
+        "other_steps": run_dir(
+            root, "other_steps", "diffusion", {**MODEL, "diffusion_steps": 50}, seed=16
+        ),
+        "x0": run_dir(root, "x0", "diffusion", {**MODEL, "predict_xstart": True}, seed=17),
+        "rescaled": run_dir(
+            root, "rescaled", "diffusion", {**MODEL, "rescale_timesteps": True}, seed=18
+        ),
     }
     torch.set_num_threads(threads)
 
@@ -84,6 +91,9 @@ def test_guide_mismatches_and_incomplete_options_are_one_line_errors(runs, tmp_p
     cases = [
         (["--guide_model", runs["big"], "--guide_scale", 2], "image size 16"),
         (["--guide_model", runs["other_schedule"], "--guide_scale", 2], "noise schedule"),
+        (["--guide_model", runs["other_steps"], "--guide_scale", 2], "diffusion steps 50"),
+        (["--guide_model", runs["x0"], "--guide_scale", 2], "predict_xstart"),
+        (["--guide_model", runs["rescaled"], "--guide_scale", 2], "rescale_timesteps"),
         (["--guide_model", runs["classifier"], "--guide_scale", 2], "holds a classifier"),
         (["--guide_model", tmp_path / "nothing", "--guide_scale", 2], "does not exist"),
         (["--guide_scale", 2], "needs both --guide_model"),
