@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,7 +182,36 @@ def reconstructed_step_weights(
     return total
 
 
-class PowerFunctionEMA:
+class ParameterAverages:
+    """Moving averages of a model's parameters, one per key, kept in float32 (the classic EMAs of
+    ``admkit.train`` and the power-function ones here); subclasses say how they decay."""
+
+    def __init__(self, model: torch.nn.Module, keys: Sequence[Any]) -> None:
+        self.names = [name for name, _ in model.named_parameters()]
+        self.averages = {
+            key: [p.detach().float().clone() for p in model.parameters()] for key in keys
+        }
+
+    @torch.no_grad()
+    def _move_towards(self, model: torch.nn.Module, weights: Mapping[Any, float]) -> None:
+        """average <- average + weight·(θ - average) for every key: one fused pass each."""
+        params = [p.detach().float() for p in model.parameters()]
+        for key, average in self.averages.items():
+            torch._foreach_lerp_(average, params, weights[key])
+
+    def state_dict(self, model: torch.nn.Module, key: Any) -> dict[str, torch.Tensor]:
+        """``model.state_dict()`` with the parameters replaced by the average ``key``."""
+        state = dict(model.state_dict())
+        state.update(zip(self.names, self.averages[key]))
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, key: Any, state: Mapping[str, torch.Tensor]) -> None:
+        for average, name in zip(self.averages[key], self.names):
+            average.copy_(state[name])
+
+
+class PowerFunctionEMA(ParameterAverages):
     """Power-function EMAs of a model's parameters, one per σ_rel label, in float32.
 
     ``sigma_rels`` are labels that parse as numbers ("0.05", "0.10": they name the weights).
@@ -190,29 +220,13 @@ class PowerFunctionEMA:
     """
 
     def __init__(self, model: torch.nn.Module, sigma_rels: Sequence[str]) -> None:
-        self.names = [name for name, _ in model.named_parameters()]
+        super().__init__(model, sigma_rels)
         self.gammas = {label: gamma_from_sigma_rel(float(label)) for label in sigma_rels}
-        self.averages = {
-            label: [p.detach().float().clone() for p in model.parameters()] for label in sigma_rels
-        }
 
-    @torch.no_grad()
     def update(self, model: torch.nn.Module, t: int) -> None:
         """θ̂ <- β_t θ̂ + (1 - β_t) θ for every profile, θ the parameters after step t."""
-        params = [p.detach().float() for p in model.parameters()]
-        for label, average in self.averages.items():
-            torch._foreach_lerp_(average, params, 1.0 - power_ema_beta(t, self.gammas[label]))
-
-    def state_dict(self, model: torch.nn.Module, label: str) -> dict[str, torch.Tensor]:
-        """``model.state_dict()`` with the parameters replaced by the average ``label``."""
-        state = dict(model.state_dict())
-        state.update(zip(self.names, self.averages[label]))
-        return state
-
-    @torch.no_grad()
-    def load_state_dict(self, label: str, state: dict[str, torch.Tensor]) -> None:
-        for average, name in zip(self.averages[label], self.names):
-            average.copy_(state[name])
+        weights = {label: 1.0 - power_ema_beta(t, gamma) for label, gamma in self.gammas.items()}
+        self._move_towards(model, weights)
 
     def metadata(self, step: int) -> dict[str, str]:
         """What a snapshot file records besides its tensors (safetensors metadata: strings)."""

@@ -79,7 +79,7 @@ from admkit.gradients import (
     num_examples,
 )
 from admkit.noise import derived_seed
-from admkit.phema import MAX_SIGMA_REL, PowerFunctionEMA
+from admkit.phema import MAX_SIGMA_REL, ParameterAverages, PowerFunctionEMA
 from admkit.runlog import Meter, plot_losses, plot_metrics, truncate_log
 
 BatchSource = Callable[[int], Iterator[Any]]
@@ -188,33 +188,13 @@ def _check_phema(config: TrainConfig) -> None:
         raise UserError("--snapshot_dtype is the precision of --phema snapshots: it needs --phema")
 
 
-class EMA:
-    """Exponential moving averages of a model's parameters at several rates, in float32."""
+class EMA(ParameterAverages):
+    """Exponential moving averages of a model's parameters at several rates (the keys), in
+    float32."""
 
-    def __init__(self, model: torch.nn.Module, rates: tuple[float, ...]) -> None:
-        self.names = [name for name, _ in model.named_parameters()]
-        self.averages = {
-            rate: [p.detach().float().clone() for p in model.parameters()] for rate in rates
-        }
-
-    @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """θ̄_r <- r θ̄_r + (1 - r) θ for every rate r."""
-        params = [p.detach().float() for p in model.parameters()]
-        for rate, average in self.averages.items():
-            # One fused pass per rate: θ̄ + (1 - r)(θ - θ̄).
-            torch._foreach_lerp_(average, params, 1.0 - rate)
-
-    def state_dict(self, model: torch.nn.Module, rate: float) -> dict[str, torch.Tensor]:
-        """``model.state_dict()`` with the parameters replaced by their average at ``rate``."""
-        state = dict(model.state_dict())
-        state.update(zip(self.names, self.averages[rate]))
-        return state
-
-    @torch.no_grad()
-    def load_state_dict(self, rate: float, state: Mapping[str, torch.Tensor]) -> None:
-        for average, name in zip(self.averages[rate], self.names):
-            average.copy_(state[name])
+        self._move_towards(model, {rate: 1.0 - rate for rate in self.averages})
 
 
 def _lr_at(config: TrainConfig, step: int) -> float:
